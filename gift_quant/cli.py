@@ -1,0 +1,161 @@
+"""``gift-quant``: compress, eval. Every user error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import GiftError
+
+RECIPES_NOT_YET = ("pre", "post", "ste", "lora")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise GiftError(message)
+
+
+def _add_compress(sub):
+    p = sub.add_parser("compress", help="select salient columns, quantize the rest, write a checkpoint")
+    p.add_argument("--model", default=None, help="local HF folder, .gguf file or hub name (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--output", "-o", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder atomically")
+    p.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per scale group, -1 for per row (default 128)")
+    p.add_argument("--sym", action="store_true", default=None, help="symmetric quantization (default asym)")
+    p.add_argument("--no-act-order", dest="desc_act", action="store_false", default=None,
+                   help="quantize columns in natural order (default: descending Hessian diagonal)")
+    p.add_argument("--salient", type=int, default=None, help="FP16 columns per Linear (0: plain GPTQ)")
+    p.add_argument("--salient-ratio", type=float, default=None, help="FP16 columns as a share of in_features")
+    p.add_argument("--metric", default=None, help="gift (default), owq, wanda or quik")
+    p.add_argument("--metric-tau", default=None, help="norm over rows of D: 1, 2 or inf")
+    p.add_argument("--metric-rho", default=None, help="norm over tokens of X: 1, 2 or inf")
+    p.add_argument("--metric-gamma", type=float, default=None, help="power of the activation norm: 0.5, 1 or 2")
+    p.add_argument("--metric-weight", default=None, choices=["error", "raw", "none"], help="D = W - Q(W), W, or 1")
+    p.add_argument("--method", default=None, help="gptq (default) or rtn")
+    p.add_argument("--recipe", default="none", help="none (GPTQ + FP16 columns, no training)")
+    p.add_argument("--dataset", default=None, help="calibration text: bundled (default), a .txt/.jsonl/.json/.parquet file, a folder or a hub name")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512)")
+    p.add_argument("--eval-dataset", default="idle", help="held-out text for the final perplexity (default: idle)")
+    p.add_argument("--eval-windows", type=int, default=20, help="512-token windows of held-out text (default 20)")
+    p.add_argument("--no-eval", action="store_true", help="skip the final perplexity")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="held-out perplexity of a checkpoint (or of a float model)")
+    p.add_argument("path", help="a gift-quant checkpoint folder, a HF model folder, a .gguf file, or 'bundled'")
+    p.add_argument("--dataset", default="idle", help="held-out text (default: idle)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gift-quant", description="GIFT-SW mixed-precision compression for transformers")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_compress(sub)
+    _add_eval(sub)
+    return parser
+
+
+def _config_from_args(a):
+    from .config import GiftConfig
+    fields = {"bits": a.bits, "group_size": a.group_size, "sym": a.sym, "desc_act": a.desc_act,
+              "metric": a.metric, "metric_tau": a.metric_tau, "metric_rho": a.metric_rho,
+              "metric_gamma": a.metric_gamma, "metric_weight": a.metric_weight, "method": a.method,
+              "calib_samples": a.calib_samples, "seq_len": a.seq_len, "seed": a.seed, "dataset": a.dataset}
+    kw = {k: v for k, v in fields.items() if v is not None}
+    if a.salient is not None or a.salient_ratio is not None:
+        if a.salient is not None and a.salient < 0:
+            raise GiftError(f"--salient must be >= 0, got {a.salient}")
+        kw["n_salient"] = a.salient
+        kw["salient_ratio"] = a.salient_ratio
+    return GiftConfig(recipe=a.recipe, **kw)
+
+
+def cmd_compress(a) -> int:
+    import torch
+
+    from .data import calibration_samples, eval_windows, load_texts
+    from .evaluate import perplexity
+    from .export import atomic_output_dir, save_checkpoint
+    from .model_io import load_model
+    from .pipeline import compress_model, decoder_layers, linears
+
+    if a.recipe in RECIPES_NOT_YET:
+        raise GiftError(f"recipe {a.recipe!r} is not available yet (training lands with the GIFT-SW training "
+                        "issue); use --recipe none")
+    if a.recipe != "none":
+        raise GiftError(f"unknown recipe {a.recipe!r}; choose one of: none")
+    cfg = _config_from_args(a)
+    cfg.resolved_metric()
+    from pathlib import Path
+    if Path(a.output).exists() and not a.overwrite:
+        raise GiftError(f"output folder {a.output} already exists (pass --overwrite to replace it)")
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    log(f"gift-quant: loading {a.model or 'bundled SmolLM2-135M-Instruct'}")
+    model, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    layers, prefix = decoder_layers(model)
+    for li, layer in enumerate(layers):  # refuse a too-large k before any long work
+        for n, lin in linears(layer, cfg.modules_not_converted).items():
+            cfg.salient_for(lin.in_features, f"{prefix}.{li}.{n}")
+    log(f"gift-quant: calibration text {a.dataset or 'bundled'}: {cfg.calib_samples} x {cfg.seq_len} tokens")
+    samples = calibration_samples(load_texts(a.dataset), tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
+    ev = None
+    if not a.no_eval:
+        ev = eval_windows(load_texts(a.eval_dataset), tok, 512, a.eval_windows)
+    with atomic_output_dir(a.output, a.overwrite) as tmp:
+        report = compress_model(model, samples, cfg, device=a.device, progress=not a.quiet)
+        summary = {"model": a.model or "bundled SmolLM2-135M-Instruct", "bits": cfg.bits,
+                   "group_size": cfg.group_size, "method": cfg.method, "recipe": cfg.recipe,
+                   "metric": cfg.metric, "salient_columns_total": sum(m.k for m in report.modules),
+                   "bits_per_weight": round(report.bits_per_weight, 4),
+                   "compress_seconds": round(report.seconds, 1),
+                   "calibration": f"{a.dataset or 'bundled'}: {cfg.calib_samples} x {cfg.seq_len} tokens"}
+        if ev is not None:
+            summary[f"perplexity ({a.eval_dataset}, {ev.shape[0]}x512)"] = round(
+                perplexity(model, ev, progress=not a.quiet), 3)
+        save_checkpoint(model, tok, tmp, report, summary)
+    size = sum(f.stat().st_size for f in Path(a.output).rglob("*.safetensors"))
+    print(f"compressed in {time.time() - t0:.0f}s: {cfg.bits}-bit {cfg.method}, "
+          f"{report.bits_per_weight:.3f} bits/weight in decoder Linears, {size / 2**20:.1f} MiB on disk -> {a.output}")
+    for k, v in summary.items():
+        if k.startswith("perplexity"):
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .data import eval_windows, load_texts
+    from .evaluate import perplexity
+    from .model_io import load_any
+
+    model, tok = load_any(a.path, device=a.device)
+    ev = eval_windows(load_texts(a.dataset), tok, a.seq_len, a.windows)
+    ppl = perplexity(model, ev, progress=not a.quiet)
+    print(f"perplexity ({a.dataset}, {ev.shape[0]}x{a.seq_len}): {ppl:.3f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        return {"compress": cmd_compress, "eval": cmd_eval}[a.command](a)
+    except GiftError as e:
+        print(f"gift-quant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gift-quant: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

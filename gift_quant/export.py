@@ -1,0 +1,93 @@
+"""Write a compressed model as a ``save_pretrained`` folder, atomically, with an audit trail.
+
+The folder is built beside the target under a temporary name and renamed into place only when
+complete, so a crash or a full disk never leaves a checkpoint that looks valid.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import GiftError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces ``target``, on failure it is removed."""
+    target = Path(target).resolve()
+    if target.exists() and not overwrite:
+        raise GiftError(f"output folder {target} already exists (pass --overwrite to replace it)")
+    if target.exists() and not target.is_dir():
+        raise GiftError(f"output path {target} exists and is not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise GiftError(f"cannot write to {target.parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise GiftError(f"writing {target} failed: {e.strerror or e}; nothing was left behind") from None
+        raise
+
+
+def save_saliency(report, path: Path):
+    """Chosen indices and all scores per module, so a run can be audited and reproduced."""
+    tensors = {}
+    for m in report.modules:
+        tensors[f"{m.name}.salient_idx"] = m.salient_idx.to(torch.int32).contiguous()
+        tensors[f"{m.name}.scores"] = m.scores.to(torch.float32).contiguous()
+    save_file(tensors, str(path), metadata={"what": "gift-quant salient column selection"})
+
+
+def model_card(config, summary: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    return f"""---
+library_name: transformers
+tags: [gift-quant, gift-sw, gptq, quantized]
+---
+# {summary.get('model', 'model')} compressed with gift-quant (GIFT-SW)
+
+{config.bits}-bit {config.method.upper()} base (group size {config.group_size}, {'sym' if config.sym else 'asym'},
+act-order {config.desc_act}) plus FP16 salient input columns per Linear (metric `{config.metric}`), recipe
+`{config.recipe}`.
+
+| setting / measurement | value |
+|---|---|
+{rows}
+
+Load it with `import gift_quant` and then `AutoModelForCausalLM.from_pretrained(path)`.
+`saliency.safetensors` holds the chosen columns and their scores; `gift_report.json` the run summary.
+"""
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, report=None, summary: dict | None = None):
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if report is not None:
+        save_saliency(report, out_dir / "saliency.safetensors")
+    if summary is not None:
+        (out_dir / "gift_report.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out_dir / "README.md").write_text(model_card(model.config.quantization_config, summary))

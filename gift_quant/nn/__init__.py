@@ -1,0 +1,3 @@
+from .mixed_linear import MixedPrecisionLinear
+
+__all__ = ["MixedPrecisionLinear"]

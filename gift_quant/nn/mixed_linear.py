@@ -1,0 +1,84 @@
+"""Inference Linear: a packed low-bit base plus FP16 salient input columns.
+
+    y = x @ dequant(qweight)^T + x[:, salient_idx] @ salient_weight^T (+ bias)
+
+The salient slots of the base hold the zero-point, so they dequantize to exactly 0 and the base alone
+is a valid GPTQ v2 tensor set. Buffer names equal the checkpoint keys (DESIGN.md section 2).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
+from ..quant import n_groups
+
+
+class MixedPrecisionLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, n_salient: int,
+                 bias: bool = False, dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.n_salient = bits, group_size, n_salient
+        G = n_groups(in_features, group_size)
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(packed_len(in_features, bits), out_features,
+                                                    dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(G, packed_len(out_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=dtype, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        self.register_buffer("salient_idx", torch.zeros(n_salient, dtype=torch.int32, **kw))
+        # a Parameter so training recipes and Trainer can update it; frozen by default
+        self.salient_weight = nn.Parameter(torch.zeros(out_features, n_salient, dtype=dtype, **kw),
+                                           requires_grad=False)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_quantized(cls, qw, bias: torch.Tensor | None = None, group_size: int = -1,
+                       dtype: torch.dtype = torch.float16) -> "MixedPrecisionLinear":
+        """Pack a :class:`gift_quant.gptq.QuantizedWeight`."""
+        out_f, in_f = qw.codes.shape
+        m = cls(in_f, out_f, qw.bits, group_size, qw.salient_idx.numel(), bias is not None, dtype)
+        m.qweight.copy_(pack_qweight(qw.codes.round().to(torch.int32).cpu(), qw.bits))
+        m.qzeros.copy_(pack_qzeros(qw.zeros.round().to(torch.int32).cpu(), qw.bits))
+        m.scales.copy_(qw.scales.to(dtype))
+        m.g_idx.copy_(qw.g_idx.to(torch.int32))
+        m.salient_idx.copy_(qw.salient_idx.to(torch.int32))
+        m.salient_weight.data.copy_(qw.salient_weight.to(dtype))
+        if bias is not None:
+            m.bias.copy_(bias.detach().to(dtype))
+        return m
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes [out, in]."""
+        return unpack_qweight(self.qweight, self.bits, self.in_features).t()
+
+    def zeros(self) -> torch.Tensor:
+        """Integer zero-points [G, out]."""
+        return unpack_qzeros(self.qzeros, self.bits, self.out_features)
+
+    def dequantize_base(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The low-bit base [out, in]; salient slots are 0."""
+        g = self.g_idx.long()
+        codes = self.codes().to(dtype)
+        z = self.zeros()[g].t().to(dtype)
+        s = self.scales[g].t().to(dtype)
+        return s * (codes - z)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full effective weight [out, in] (base with the salient columns written in)."""
+        w = self.dequantize_base(dtype)
+        if self.n_salient:
+            w[:, self.salient_idx.long()] = self.salient_weight.to(dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import mixed_linear
+        return mixed_linear(x, self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, n_salient={self.n_salient}, bias={self.bias is not None}")

@@ -1,0 +1,205 @@
+"""Sequential layer-by-layer compression: salient selection, then GPTQ (or RTN), then packing.
+
+Each decoder layer sees inputs produced by the already-quantized layers before it. The model stays on
+CPU; one decoder layer at a time moves to the compute device.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import GiftConfig
+from .errors import GiftError
+from .gptq import gptq_quantize, layer_error, rtn_quantize
+from .nn import MixedPrecisionLinear
+from .saliency import ActivationStats, select_salient, sensitivity
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    shape: tuple
+    k: int
+    salient_idx: torch.Tensor
+    scores: torch.Tensor
+    rel_error: float  # tr(D H D^T) / tr(W H W^T)
+
+
+@dataclass
+class CompressReport:
+    modules: list = field(default_factory=list)
+    seconds: float = 0.0
+    quantized_bits: int = 0      # bits of every tensor that replaced a Linear
+    original_params: int = 0     # weights of the Linears that were replaced
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.quantized_bits / max(self.original_params, 1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model) -> tuple[nn.ModuleList, str]:
+    for prefix in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in prefix.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj, prefix
+    raise GiftError(f"unsupported architecture {type(model).__name__}: no decoder layer list found")
+
+
+def linears(module: nn.Module, exclude=()) -> dict[str, nn.Linear]:
+    return {n: m for n, m in module.named_modules()
+            if isinstance(m, nn.Linear) and not any(n == e or n.endswith("." + e) for e in exclude)}
+
+
+@torch.no_grad()
+def capture_inputs(model, samples: torch.Tensor, batch_size: int, device) -> list[tuple[torch.Tensor, dict]]:
+    """Hidden states and keyword arguments that reach the first decoder layer, per batch."""
+    layers, _ = decoder_layers(model)
+    captured = []
+
+    def hook(_mod, args, kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        captured.append((h.to(device), _to(kw, device)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, samples.shape[0], batch_size):
+            try:
+                model(samples[i:i + batch_size].to(model.device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _run_layer(layer, batches):
+    outs = []
+    for h, kw in batches:
+        o = layer(h, **kw)
+        outs.append(o[0] if isinstance(o, (tuple, list)) else o)
+    return outs
+
+
+def _collect_stats(layer, lins, batches, device) -> dict:
+    """Input statistics per Linear; Linears fed the very same tensor (q/k/v, gate/up) share one."""
+    stats, alias, seen = {}, {}, []
+
+    def hook(name):
+        def fn(_mod, inp, _out):
+            x = inp[0]
+            for t, leader in seen:  # identity, not address: the held reference keeps t alive
+                if t is x:
+                    alias[name] = leader
+                    return
+            seen.append((x, name))
+            if name not in stats:
+                stats[name] = ActivationStats(x.shape[-1], device=device)
+            stats[name].add(x)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    try:
+        for b in batches:
+            seen.clear()
+            _run_layer(layer, [b])
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+    for n, leader in alias.items():
+        stats[n] = stats[leader]
+    return stats
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+@torch.no_grad()
+def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None, batch_size: int = 8,
+                   progress: bool = True, storage_dtype=torch.float16) -> CompressReport:
+    """Replace every decoder Linear of ``model`` by a :class:`MixedPrecisionLinear`, in place."""
+    t0 = time.time()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers, prefix = decoder_layers(model)
+    metric = config.resolved_metric()
+    report = CompressReport()
+    model_device = next(model.parameters()).device
+    batches = capture_inputs(model, samples, batch_size, model_device)
+    batches = [(h.to(device), _to(kw, device)) for h, kw in batches]
+    counts = dict(config.salient_counts)
+    bar = tqdm(range(len(layers)), desc=f"{config.method} {config.bits}-bit", unit="layer", disable=not progress)
+    for li in bar:
+        layer = layers[li].to(device)
+        lins = linears(layer, config.modules_not_converted)
+        stats = _collect_stats(layer, lins, batches, device)
+        packed = {}
+        for n, lin in lins.items():
+            full = f"{prefix}.{li}.{n}"
+            st = stats[n]
+            if not torch.isfinite(st.xtx).all():
+                raise GiftError(f"{full}: calibration activations contain NaN or Inf")
+            W = lin.weight.data.float()
+            k = config.salient_for(lin.in_features, full)
+            scores = sensitivity(W, st.norm(metric.rho), metric, config.bits, config.group_size, config.sym)
+            idx = select_salient(scores, k)
+            H = st.hessian
+            if config.method == "gptq":
+                qw = gptq_quantize(W, H, config.bits, config.group_size, config.sym, config.desc_act, idx,
+                                   damp=config.damp_percent, block_size=config.block_size,
+                                   mse=config.mse_clip, name=full)
+            else:
+                qw = rtn_quantize(W, config.bits, config.group_size, config.sym, idx, mse=config.mse_clip, name=full)
+            mpl = MixedPrecisionLinear.from_quantized(qw, lin.bias, config.group_size, storage_dtype)
+            W_eff = mpl.dequantize(torch.float32).to(device)
+            Hd = H.to(torch.float64)
+            rel = layer_error(W.to(torch.float64), W_eff.to(torch.float64), Hd) / max(
+                float(torch.sum((W.to(torch.float64) @ Hd) * W.to(torch.float64))), 1e-30)
+            lin.weight.data.copy_(W_eff.to(lin.weight.dtype))  # the next layer sees the quantized output
+            packed[n] = mpl
+            counts[full] = k
+            report.modules.append(ModuleReport(full, tuple(W.shape), k, idx.cpu(), scores.cpu(), rel))
+            report.original_params += W.numel()
+            report.quantized_bits += sum(t.numel() * t.element_size() * 8 for t in
+                                         [*mpl.buffers(), *mpl.parameters()] if t is not mpl.bias)
+        outs = _run_layer(layer, batches)
+        batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
+        for n, mpl in packed.items():
+            _set_module(layer, n, mpl)
+        layers[li] = layer.to(model_device)
+        if progress:
+            rel = [m.rel_error for m in report.modules[-len(lins):]] or [0.0]
+            bar.set_postfix(rel_err=f"{sum(rel) / len(rel):.4f}")
+        del stats
+    config.salient_counts = counts
+    model.config.quantization_config = config
+    report.seconds = time.time() - t0
+    return report
