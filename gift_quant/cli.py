@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .errors import GiftError
 
@@ -95,7 +96,6 @@ def cmd_compress(a) -> int:
         raise GiftError(f"unknown recipe {a.recipe!r}; choose one of: none")
     cfg = _config_from_args(a)
     cfg.resolved_metric()
-    from pathlib import Path
     if Path(a.output).exists() and not a.overwrite:
         raise GiftError(f"output folder {a.output} already exists (pass --overwrite to replace it)")
     torch.manual_seed(cfg.seed)
@@ -136,9 +136,21 @@ def cmd_compress(a) -> int:
 def cmd_eval(a) -> int:
     from .data import eval_windows, load_texts
     from .evaluate import perplexity
-    from .model_io import load_any
+    from .hf import is_gift_checkpoint, load_checkpoint
+    from .model_io import load_model
 
-    model, tok = load_any(a.path, device=a.device)
+    if is_gift_checkpoint(a.path):
+        model, tok = load_checkpoint(a.path)
+        if tok is None:
+            raise GiftError(f"{a.path} has no tokenizer files; cannot tokenize the evaluation text")
+    elif a.path in ("bundled",) or a.path.endswith(".gguf") or (Path(a.path) / "config.json").is_file():
+        model, tok = load_model(a.path)
+    elif Path(a.path).exists():
+        raise GiftError(f"{a.path} is not a checkpoint (no config.json)")
+    else:
+        raise GiftError(f"checkpoint not found: {a.path}")
+    if a.device:
+        model.to(a.device)
     ev = eval_windows(load_texts(a.dataset), tok, a.seq_len, a.windows)
     ppl = perplexity(model, ev, progress=not a.quiet)
     print(f"perplexity ({a.dataset}, {ev.shape[0]}x{a.seq_len}): {ppl:.3f}")
@@ -148,6 +160,10 @@ def cmd_eval(a) -> int:
 def main(argv=None) -> int:
     try:
         a = build_parser().parse_args(argv)
+        if getattr(a, "quiet", False):
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
         return {"compress": cmd_compress, "eval": cmd_eval}[a.command](a)
     except GiftError as e:
         print(f"gift-quant: error: {e}", file=sys.stderr)

@@ -29,3 +29,25 @@ def tiny_model():
 def calib():
     torch.manual_seed(1)
     return torch.randint(0, 128, (16, 32))
+
+
+def char_tokenizer():
+    """A real PreTrainedTokenizerFast (character level, 128 ids), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny random Llama with a tokenizer: what --model accepts."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    m = tiny_llama(hidden=64, inter=96, layers=2, vocab=128)
+    m.config.max_position_embeddings = 1024
+    m.save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
