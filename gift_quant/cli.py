@@ -36,7 +36,7 @@ def _add_compress(sub):
     p.add_argument("--method", default=None, help="gptq (default) or rtn")
     p.add_argument("--recipe", default="none", help="none (GPTQ + FP16 columns, no training)")
     p.add_argument("--dataset", default=None, help="calibration text: bundled (default), a .txt/.jsonl/.json/.parquet file, a folder or a hub name")
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512)")
     p.add_argument("--eval-dataset", default="idle", help="held-out text for the final perplexity (default: idle)")
     p.add_argument("--eval-windows", type=int, default=20, help="512-token windows of held-out text (default 20)")

@@ -39,7 +39,7 @@ class GiftConfig(QuantizationConfigMixin):
                  metric_weight: str | None = None, method: str = "gptq", damp_percent: float = 0.01,
                  block_size: int = 128, mse_clip: bool = True, recipe: str = "none",
                  modules_not_converted: list[str] | None = None, dataset: Any = None,
-                 calib_samples: int = 128, seq_len: int = 512, seed: int = 0,
+                 calib_samples: int = 64, seq_len: int = 512, seed: int = 0,
                  salient_counts: dict[str, int] | None = None, format: str = FORMAT,
                  quant_method: str = QUANT_METHOD, **kwargs):
         self.quant_method = QUANT_METHOD
