@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ def _add_compress(sub):
     p.add_argument("--model", default=None, help="local HF folder, .gguf file or hub name (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--output", "-o", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder atomically")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.partial/ (finished layers, training checkpoints)")
     p.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=None, help="columns per scale group, -1 for per row (default 128)")
     p.add_argument("--sym", action="store_true", default=None, help="symmetric quantization (default asym)")
@@ -85,7 +88,7 @@ def cmd_compress(a) -> int:
 
     from .data import calibration_samples, eval_windows, load_texts
     from .evaluate import perplexity
-    from .export import atomic_output_dir, save_checkpoint
+    from .export import STORAGE_DTYPE, atomic_output_dir, partial_dir, round_to_storage, save_checkpoint
     from .model_io import load_model
     from .pipeline import compress_model, decoder_layers, linears
 
@@ -98,6 +101,9 @@ def cmd_compress(a) -> int:
     cfg.resolved_metric()
     if Path(a.output).exists() and not a.overwrite:
         raise GiftError(f"output folder {a.output} already exists (pass --overwrite to replace it)")
+    partial = partial_dir(a.output)
+    if partial.exists() and not a.resume:
+        raise GiftError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
@@ -113,17 +119,20 @@ def cmd_compress(a) -> int:
     if not a.no_eval:
         ev = eval_windows(load_texts(a.eval_dataset), tok, 512, a.eval_windows)
     with atomic_output_dir(a.output, a.overwrite) as tmp:
-        report = compress_model(model, samples, cfg, device=a.device, progress=not a.quiet)
+        report = compress_model(model, samples, cfg, device=a.device, progress=not a.quiet,
+                                state_dir=partial_dir(a.output) / "compress", resume=a.resume)
         summary = {"model": a.model or "bundled SmolLM2-135M-Instruct", "bits": cfg.bits,
                    "group_size": cfg.group_size, "method": cfg.method, "recipe": cfg.recipe,
                    "metric": cfg.metric, "salient_columns_total": sum(m.k for m in report.modules),
                    "bits_per_weight": round(report.bits_per_weight, 4),
                    "compress_seconds": round(report.seconds, 1),
                    "calibration": f"{a.dataset or 'bundled'}: {cfg.calib_samples} x {cfg.seq_len} tokens"}
+        round_to_storage(model)  # what is evaluated is exactly what the checkpoint stores
         if ev is not None:
             summary[f"perplexity ({a.eval_dataset}, {ev.shape[0]}x512)"] = round(
                 perplexity(model, ev, progress=not a.quiet), 3)
-        save_checkpoint(model, tok, tmp, report, summary)
+        save_checkpoint(model.to(STORAGE_DTYPE), tok, tmp, report, summary)
+    shutil.rmtree(partial_dir(a.output), ignore_errors=True)  # the checkpoint is complete
     size = sum(f.stat().st_size for f in Path(a.output).rglob("*.safetensors"))
     print(f"compressed in {time.time() - t0:.0f}s: {cfg.bits}-bit {cfg.method}, "
           f"{report.bits_per_weight:.3f} bits/weight in decoder Linears, {size / 2**20:.1f} MiB on disk -> {a.output}")

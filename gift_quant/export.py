@@ -18,6 +18,25 @@ from safetensors.torch import save_file
 from .errors import GiftError
 
 
+STORAGE_DTYPE = torch.float16
+
+
+def round_to_storage(model, dtype=STORAGE_DTYPE):
+    """Round the float parameters that stay unquantized (embeddings, norms, head) to the storage dtype
+    in place, keeping the compute dtype, so in-process evaluation matches the saved checkpoint."""
+    from .nn import MixedPrecisionLinear
+    skip = {id(p) for m in model.modules() if isinstance(m, MixedPrecisionLinear) for p in m.parameters()}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in skip:
+            p.data = p.data.to(dtype).to(p.dtype)
+
+
+def partial_dir(target) -> Path:
+    """Where an interrupted run keeps its resumable state (kept on failure, removed on success)."""
+    t = Path(target).resolve()
+    return t.with_name(t.name + ".partial")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces ``target``, on failure it is removed."""
@@ -83,6 +102,7 @@ Load it with `import gift_quant` and then `AutoModelForCausalLM.from_pretrained(
 
 def save_checkpoint(model, tokenizer, out_dir: Path, report=None, summary: dict | None = None):
     out_dir = Path(out_dir)
+    model.config.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

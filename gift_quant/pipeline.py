@@ -5,8 +5,14 @@ CPU; one decoder layer at a time moves to the compute device.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -143,10 +149,96 @@ def _set_module(root: nn.Module, name: str, new: nn.Module):
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _account(report: CompressReport, mpl: MixedPrecisionLinear):
+    report.original_params += mpl.in_features * mpl.out_features
+    report.quantized_bits += sum(t.numel() * t.element_size() * 8 for t in
+                                 [*mpl.buffers(), *mpl.parameters()] if t is not mpl.bias)
+
+
+def _debug_kill_after(li: int):
+    """Test hook: GIFT_QUANT_KILL_AFTER_LAYER=N kills the process (SIGKILL) once layer N is saved."""
+    v = os.environ.get("GIFT_QUANT_KILL_AFTER_LAYER")
+    if v is not None and int(v) == li:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LayerState:
+    """Per-layer results of an interrupted compression: one safetensors file per finished layer,
+    written atomically, plus a fingerprint so a resume never mixes runs."""
+
+    def __init__(self, root, config: GiftConfig, samples: torch.Tensor, model):
+        self.root = Path(root)
+        cfg = {k: v for k, v in config.to_dict().items() if k != "salient_counts"}
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+        h.update(samples.cpu().numpy().tobytes())
+        h.update(str(getattr(model.config, "to_json_string", lambda: "")()).encode())
+        self.fingerprint = h.hexdigest()
+
+    def open(self, resume: bool):
+        meta = self.root / "meta.json"
+        if resume and meta.is_file():
+            got = json.loads(meta.read_text()).get("fingerprint")
+            if got != self.fingerprint:
+                raise GiftError(f"cannot resume from {self.root}: it belongs to a different model, "
+                                "calibration data or config")
+            return
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        meta.write_text(json.dumps({"fingerprint": self.fingerprint}))
+
+    def _path(self, li: int) -> Path:
+        return self.root / f"layer_{li:05d}.safetensors"
+
+    def has(self, li: int) -> bool:
+        return self._path(li).is_file()
+
+    def save(self, li: int, packed: dict, rows: list):
+        from safetensors.torch import save_file
+        t, meta = {}, {}
+        for (n, mpl), row in zip(packed.items(), rows):
+            for key, v in mpl.state_dict().items():
+                t[f"{n}.{key}"] = v.detach().cpu().contiguous()
+            t[f"{n}.__scores"] = row.scores.float().contiguous()
+            meta[n] = {"name": row.name, "shape": list(row.shape), "k": row.k, "rel_error": row.rel_error,
+                       "bits": mpl.bits, "group_size": mpl.group_size, "bias": mpl.bias is not None}
+        tmp = self._path(li).with_suffix(".tmp")
+        save_file(t, str(tmp), metadata={"modules": json.dumps(meta)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path(li))
+
+    def load(self, li, lins, report: CompressReport, counts: dict, prefix: str, storage_dtype) -> dict:
+        from safetensors import safe_open
+        with safe_open(str(self._path(li)), framework="pt") as f:
+            meta = json.loads(f.metadata()["modules"])
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        packed = {}
+        for n, m in meta.items():
+            out_f, in_f = m["shape"]
+            mpl = MixedPrecisionLinear(in_f, out_f, m["bits"], m["group_size"], m["k"], m["bias"], storage_dtype)
+            mpl.load_state_dict({k[len(n) + 1:]: v for k, v in t.items()
+                                 if k.startswith(n + ".") and not k.endswith("__scores")})
+            packed[n] = mpl
+            counts[m["name"]] = m["k"]
+            report.modules.append(ModuleReport(m["name"], (out_f, in_f), m["k"], mpl.salient_idx.long(),
+                                               t[f"{n}.__scores"], m["rel_error"]))
+            _account(report, mpl)
+        return packed
+
+
 @torch.no_grad()
 def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None, batch_size: int = 8,
-                   progress: bool = True, storage_dtype=torch.float16) -> CompressReport:
-    """Replace every decoder Linear of ``model`` by a :class:`MixedPrecisionLinear`, in place."""
+                   progress: bool = True, storage_dtype=torch.float16,
+                   salient: dict[str, torch.Tensor] | None = None, state_dir=None,
+                   resume: bool = False) -> CompressReport:
+    """Replace every decoder Linear of ``model`` by a :class:`MixedPrecisionLinear`, in place.
+
+    ``salient`` (full module name -> column indices) fixes the FP16 columns instead of selecting them
+    (the ``pre`` recipe keeps the columns it trained). With ``state_dir`` every finished layer is
+    saved there; ``resume`` reloads those layers (replaying their forward, no re-quantization) and
+    continues, giving a result bit-identical to an uninterrupted run.
+    """
     t0 = time.time()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers, prefix = decoder_layers(model)
@@ -157,11 +249,20 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
     batches = [(h.to(device), _to(kw, device)) for h, kw in batches]
     counts = dict(config.salient_counts)
     bar = tqdm(range(len(layers)), desc=f"{config.method} {config.bits}-bit", unit="layer", disable=not progress)
+    state = LayerState(state_dir, config, samples, model) if state_dir is not None else None
+    if state is not None:
+        state.open(resume)
     for li in bar:
         layer = layers[li].to(device)
         lins = linears(layer, config.modules_not_converted)
-        stats = _collect_stats(layer, lins, batches, device)
         packed = {}
+        if state is not None and state.has(li):
+            packed = state.load(li, lins, report, counts, prefix, storage_dtype)
+            for n, lin in lins.items():
+                lin.weight.data.copy_(packed[n].dequantize(torch.float32).to(device, lin.weight.dtype))
+            lins = {}
+        else:
+            stats = _collect_stats(layer, lins, batches, device)
         for n, lin in lins.items():
             full = f"{prefix}.{li}.{n}"
             st = stats[n]
@@ -170,7 +271,11 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             W = lin.weight.data.float()
             k = config.salient_for(lin.in_features, full)
             scores = sensitivity(W, st.norm(metric.rho), metric, config.bits, config.group_size, config.sym)
-            idx = select_salient(scores, k)
+            if salient is not None and full in salient:
+                idx = salient[full].to(device=scores.device, dtype=torch.long).sort().values
+                k = idx.numel()
+            else:
+                idx = select_salient(scores, k)
             H = st.hessian
             if config.method == "gptq":
                 qw = gptq_quantize(W, H, config.bits, config.group_size, config.sym, config.desc_act, idx,
@@ -187,18 +292,18 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             packed[n] = mpl
             counts[full] = k
             report.modules.append(ModuleReport(full, tuple(W.shape), k, idx.cpu(), scores.cpu(), rel))
-            report.original_params += W.numel()
-            report.quantized_bits += sum(t.numel() * t.element_size() * 8 for t in
-                                         [*mpl.buffers(), *mpl.parameters()] if t is not mpl.bias)
+            _account(report, mpl)
+        if state is not None and lins:
+            state.save(li, packed, report.modules[-len(lins):])
         outs = _run_layer(layer, batches)
         batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
         for n, mpl in packed.items():
             _set_module(layer, n, mpl)
         layers[li] = layer.to(model_device)
         if progress:
-            rel = [m.rel_error for m in report.modules[-len(lins):]] or [0.0]
+            rel = [m.rel_error for m in report.modules[-len(packed):]] or [0.0]
             bar.set_postfix(rel_err=f"{sum(rel) / len(rel):.4f}")
-        del stats
+        _debug_kill_after(li)
     config.salient_counts = counts
     model.config.quantization_config = config
     report.seconds = time.time() - t0
