@@ -60,11 +60,24 @@ def _add_eval(sub):
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="check a checkpoint's files against its manifest (sha256, sizes)")
+    p.add_argument("path")
+
+
+def cmd_verify(a) -> int:
+    from .manifest import verify
+    n = verify(a.path)
+    print(f"{a.path}: {n} files match the manifest")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gift-quant", description="GIFT-SW mixed-precision compression for transformers")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compress(sub)
     _add_eval(sub)
+    _add_verify(sub)
     return parser
 
 
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
             hf_logging.set_verbosity_error()
-        return {"compress": cmd_compress, "eval": cmd_eval}[a.command](a)
+        return {"compress": cmd_compress, "eval": cmd_eval, "verify": cmd_verify}[a.command](a)
     except GiftError as e:
         print(f"gift-quant: error: {e}", file=sys.stderr)
         return 2

@@ -111,3 +111,5 @@ def save_checkpoint(model, tokenizer, out_dir: Path, report=None, summary: dict 
     if summary is not None:
         (out_dir / "gift_report.json").write_text(json.dumps(summary, indent=2, default=str))
         (out_dir / "README.md").write_text(model_card(model.config.quantization_config, summary))
+    from .manifest import write_manifest
+    write_manifest(out_dir)

@@ -77,3 +77,18 @@ def test_full_disk_leaves_nothing(four_layer_dir, tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "No space left" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".full")] == []
+
+
+def test_manifest_verify(four_layer_dir, tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert main(_args(four_layer_dir, out)) == 0
+    assert main(["verify", str(out)]) == 0
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    (out / "model.safetensors").write_bytes(bytes(data[:100]))
+    assert main(["verify", str(out)]) == 2
+    assert main(["verify", str(tmp_path)]) == 2
