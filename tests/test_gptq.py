@@ -109,3 +109,24 @@ def test_dead_columns_and_nan():
     W[0, 0] = float("nan")
     with pytest.raises(GiftError, match="NaN"):
         gptq_quantize(W, H, 4, -1, name="layers.0.q")
+
+
+def test_non_pd_hessian_escalates_damping_with_warning():
+    W, H = _problem(11)
+    W, H = W.float(), H.float()
+    n = H.shape[0]
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0)))
+    eig = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 1.5 + 0.5
+    eig[:3] = -0.3  # indefinite: 1% damping is not enough
+    H = (Q * eig) @ Q.T
+    with pytest.warns(UserWarning, match="layers.3.mlp.up_proj"):
+        qw = gptq_quantize(W, H, 4, -1, name="layers.3.mlp.up_proj")
+    assert torch.isfinite(qw.dequantize()).all()
+
+
+def test_nan_activations_named(tiny_model, calib):
+    from gift_quant.config import GiftConfig
+    from gift_quant.pipeline import compress_model
+    tiny_model.model.layers[1].input_layernorm.weight.data[3] = float("inf")
+    with pytest.raises(GiftError, match=r"model\.layers\.1\.self_attn\.q_proj.*NaN or Inf"):
+        compress_model(tiny_model, calib, GiftConfig(bits=4, group_size=32), progress=False)
