@@ -172,3 +172,26 @@ def load_checkpoint(path, dtype=None, device=None):
     except (OSError, ValueError):
         tok = None
     return model.eval(), tok
+
+
+def prepare_for_training(model, train: str = "salient", dtype: torch.dtype = torch.float32):
+    """Freeze a gift model for salient-column training (``Trainer`` or a custom loop); returns it.
+
+    ``train="salient"``: only every ``MixedPrecisionLinear.salient_weight`` trains, cast to ``dtype``
+    (fp32 by default, so small optimizer updates are not lost to fp16 rounding; loading casts them back
+    to the checkpoint dtype). ``train="none"``: everything frozen (for PEFT adapters on top).
+    """
+    if train not in ("salient", "none"):
+        raise GiftError(f"train: must be 'salient' or 'none', got {train!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = 0
+    if train == "salient":
+        for m in model.modules():
+            if isinstance(m, MixedPrecisionLinear) and m.n_salient:
+                m.salient_weight.data = m.salient_weight.data.to(dtype)
+                m.salient_weight.requires_grad_(True)
+                n += 1
+        if n == 0:
+            raise GiftError("model has no MixedPrecisionLinear with FP16 columns to train (k = 0 everywhere?)")
+    return model
