@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import GiftError
 
-RECIPES_NOT_YET = ("pre", "post", "ste", "lora")
+RECIPES = ("none", "pre", "post", "ste", "lora")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +37,9 @@ def _add_compress(sub):
     p.add_argument("--metric-gamma", type=float, default=None, help="power of the activation norm: 0.5, 1 or 2")
     p.add_argument("--metric-weight", default=None, choices=["error", "raw", "none"], help="D = W - Q(W), W, or 1")
     p.add_argument("--method", default=None, help="gptq (default) or rtn")
-    p.add_argument("--recipe", default="none", help="none (GPTQ + FP16 columns, no training)")
+    p.add_argument("--recipe", default="none",
+                   help="none (GPTQ + FP16 columns, no training), post (GIFT-SW: train the FP16 columns on the "
+                        "frozen codes), pre, ste, lora, or a recipe .yaml (flags override its fields)")
     p.add_argument("--dataset", default=None, help="calibration text: bundled (default), a .txt/.jsonl/.json/.parquet file, a folder or a hub name")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512)")
@@ -48,6 +50,8 @@ def _add_compress(sub):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .cli_recipes import add_training_args
+    add_training_args(p)
 
 
 def _add_eval(sub):
@@ -105,11 +109,9 @@ def cmd_compress(a) -> int:
     from .model_io import load_model
     from .pipeline import compress_model, decoder_layers, linears
 
-    if a.recipe in RECIPES_NOT_YET:
-        raise GiftError(f"recipe {a.recipe!r} is not available yet (training lands with the GIFT-SW training "
-                        "issue); use --recipe none")
-    if a.recipe != "none":
-        raise GiftError(f"unknown recipe {a.recipe!r}; choose one of: none")
+    if a.recipe != "none":  # pre, post, ste, lora or a YAML file: the training recipes
+        from .cli_recipes import compress_with_recipe
+        return compress_with_recipe(a)
     cfg = _config_from_args(a)
     cfg.resolved_metric()
     if Path(a.output).exists() and not a.overwrite:

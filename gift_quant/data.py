@@ -138,3 +138,73 @@ def eval_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | N
     if w.shape[0] == 0:
         raise GiftError(f"too little evaluation text: fewer than {seq_len} tokens")
     return w if max_windows is None else w[:max_windows]
+
+
+# ---- training corpus (GIFT-SW training issue) ---------------------------------------------------
+# Never used for training: idlelib (its docs/NEWS are the default evaluation text 'idle'), pydoc_data
+# (its held-out topics are 'topics-heldout'), tests, and third-party site-packages.
+_DOCSTRING_EXCLUDE = ("idlelib", "pydoc_data", "test", "tests", "site-packages", "dist-packages",
+                      "lib2to3", "turtledemo", "__pycache__")
+TRAIN_SOURCES = ("train", "stdlib-docstrings")
+
+
+def _stdlib_root() -> Path:
+    import sysconfig
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_docstrings(min_chars: int = 200) -> list[str]:
+    """Docstrings of the CPython standard library (modules, classes, functions), extracted with ``ast``.
+
+    One document per module (its docstrings joined in source order), sorted by path, so the result is
+    deterministic for a given Python build. Several MB of English prose; idlelib, pydoc_data and tests
+    are excluded (see ``_DOCSTRING_EXCLUDE``). Cached per Python version under ~/.cache/gift_quant.
+    """
+    import ast
+    import json
+    import sys
+    cache = Path(os.environ.get("GIFT_QUANT_CACHE", Path.home() / ".cache" / "gift_quant")) / \
+        f"stdlib-docstrings-{sys.version_info[0]}.{sys.version_info[1]}-{min_chars}.json"
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    root = _stdlib_root()
+    docs = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).parts
+        if any(p in _DOCSTRING_EXCLUDE or p.startswith("test_") for p in rel):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node, clean=True)
+                if d and len(d) >= 40:
+                    parts.append(d)
+        text = "\n\n".join(parts)
+        if len(text) >= min_chars:
+            docs.append(text)
+    if not docs:
+        raise GiftError(f"no standard-library docstrings found under {root}; pass --train-dataset FILE")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(docs), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return docs
+
+
+def load_train_texts(source: str | None = None, text_field: str | None = None) -> list[str]:
+    """Training text: ``train`` (default) = the ``bundled`` topics split + stdlib docstrings;
+    ``stdlib-docstrings`` alone; anything else as :func:`load_texts`."""
+    if source in (None, "", "train"):
+        return load_texts("bundled") + stdlib_docstrings()
+    if source == "stdlib-docstrings":
+        return stdlib_docstrings()
+    return load_texts(source, text_field=text_field)

@@ -1,3 +1,4 @@
 from .mixed_linear import MixedPrecisionLinear
+from .gift_linear import GiftLinear
 
-__all__ = ["MixedPrecisionLinear"]
+__all__ = ["MixedPrecisionLinear", "GiftLinear"]

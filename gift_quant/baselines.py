@@ -1,0 +1,192 @@
+"""Baselines trained with the same data, steps, seeds and loop as GIFT-SW (:mod:`gift_quant.train`).
+
+- ``ste``: quantization-aware training with straight-through rounding. It starts from the GPTQ result
+  (latent weights = the dequantized codes, the same groups and zero-points), learns the latent
+  weights, one scale multiplier per output row, and the FP16 salient columns. Export re-rounds the
+  latent weights with the learned scales into the same packed format. Trainable: every weight (dense
+  gradients by design: that is what STE costs).
+- ``lora``: LoRA (peft) on the GPTQ-quantized model. The rank of each Linear is chosen so that its
+  adapter has about as many parameters as GIFT's k * out_features for that Linear (``lora_rank``
+  overrides). LoRA cannot merge into integer codes, so the output is the GPTQ checkpoint plus a peft
+  adapter folder ``lora_adapter/``; :func:`load_lora` loads both.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GiftError
+from .gptq import QuantizedWeight
+from .nn import MixedPrecisionLinear
+from .nn.gift_linear import swap_modules
+from .quant import max_code
+
+
+class SteLinear(nn.Module):
+    def __init__(self, mpl: MixedPrecisionLinear):
+        super().__init__()
+        self.bits, self.group_size = mpl.bits, mpl.group_size
+        self.in_features, self.out_features = mpl.in_features, mpl.out_features
+        self.weight = nn.Parameter(mpl.dequantize_base(torch.float32))
+        self.register_buffer("scales", mpl.scales.float().clone())
+        self.register_buffer("zeros", mpl.zeros().float())
+        self.register_buffer("g_idx", mpl.g_idx.long().clone())
+        self.register_buffer("salient_idx", mpl.salient_idx.long().clone())
+        self.log_row_scale = nn.Parameter(torch.zeros(mpl.out_features))
+        self.salient_weight = nn.Parameter(mpl.salient_weight.detach().float().clone())
+        self.register_buffer("bias", None if mpl.bias is None else mpl.bias.float().clone())
+
+    def _grid(self):
+        s = self.scales[self.g_idx].t() * torch.exp(self.log_row_scale)[:, None]
+        return s, self.zeros[self.g_idx].t()
+
+    def fake_quant(self):
+        s, z = self._grid()
+        v = self.weight / s
+        q = torch.clamp(v + (torch.round(v) - v).detach() + z, 0, max_code(self.bits))  # straight-through
+        w = s * (q - z)
+        if self.salient_idx.numel():
+            w = w.index_fill(1, self.salient_idx, 0.0)
+        return w
+
+    def forward(self, x):
+        y = F.linear(x, self.fake_quant().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.salient_idx.numel():
+            y = y + F.linear(x[..., self.salient_idx], self.salient_weight.to(x.dtype))
+        return y
+
+    @torch.no_grad()
+    def to_mixed(self) -> MixedPrecisionLinear:
+        mult = torch.exp(self.log_row_scale)
+        scales = (self.scales * mult[None, :]).to(torch.float16).float()
+        s, z = scales[self.g_idx].t(), self.zeros[self.g_idx].t()
+        codes = torch.clamp(torch.round(self.weight / s) + z, 0, max_code(self.bits))
+        if self.salient_idx.numel():
+            codes[:, self.salient_idx] = z[:, self.salient_idx]
+        qw = QuantizedWeight(codes=codes.cpu(), scales=scales.cpu(), zeros=self.zeros.cpu(), g_idx=self.g_idx.cpu(),
+                             salient_idx=self.salient_idx.cpu(), salient_weight=self.salient_weight.cpu(), bits=self.bits)
+        return MixedPrecisionLinear.from_quantized(qw, None if self.bias is None else self.bias.cpu(), self.group_size)
+
+
+def run_ste(r, model, train_ids, train_labels, val_ids, val_labels, work_dir, resume, fp, device, progress, log):
+    from .train import train
+    model.to(device)
+    swap_modules(model, lambda n, m: SteLinear(m).to(device), (MixedPrecisionLinear,))
+    rep = train(model, train_ids, r.train_settings(progress), work_dir, resume, train_labels, val_ids, val_labels,
+                fp, device, log)
+    swap_modules(model, lambda n, m: m.to_mixed(), (SteLinear,))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to("cpu"), rep, None
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+def _lora_layer_cls():
+    from peft.tuners.lora.layer import LoraLayer
+
+    class LoraMixedLinear(nn.Module, LoraLayer):
+        """peft LoRA around a MixedPrecisionLinear (peft 0.21 ``_register_custom_module``)."""
+
+        def __init__(self, base_layer, adapter_name, config, r=0, lora_alpha=1, **kwargs):
+            super().__init__()
+            LoraLayer.__init__(self, base_layer)
+            self._active_adapter = adapter_name
+            self._w = None  # dequantized base, cached for speed (not saved)
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+        def forward(self, x, *args, **kwargs):
+            b = self.base_layer
+            if self._w is None or self._w.device != x.device:
+                self._w = b.dequantize(torch.float32).to(x.device)
+            result = F.linear(x, self._w.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
+            if self.disable_adapters:
+                return result
+            for name in self.active_adapters:
+                if name not in self.lora_A.keys():
+                    continue
+                A, B = self.lora_A[name], self.lora_B[name]
+                xin = self._cast_input_dtype(x, A.weight.dtype)
+                result = result + (B(A(self.lora_dropout[name](xin))) * self.scaling[name]).to(result.dtype)
+            return result
+
+        def __repr__(self):
+            return "lora." + super().__repr__()
+
+    return LoraMixedLinear
+
+
+def matched_ranks(model) -> dict[str, int]:
+    """Per-module rank r with r * (in + out) ~= k * out (GIFT's trainable count), at least 1."""
+    return {n: max(1, round(m.n_salient * m.out_features / (m.in_features + m.out_features)))
+            for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
+
+
+def lora_config(model, rank: int | None = None):
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise GiftError("the lora recipe needs peft: pip install 'gift-quant[train]'") from None
+    ranks = matched_ranks(model)
+    if not ranks:
+        raise GiftError("no quantized Linear to attach LoRA to")
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in ranks})
+    if rank is not None:
+        pattern = {}
+        default = rank
+    else:
+        default = max(set(ranks.values()), key=list(ranks.values()).count)
+        pattern = {f"^{re.escape(n)}$": v for n, v in ranks.items() if v != default}
+    cfg = LoraConfig(r=default, lora_alpha=2 * default, target_modules=suffixes, lora_dropout=0.0, bias="none",
+                     rank_pattern=pattern, alpha_pattern={k: 2 * v for k, v in pattern.items()},
+                     task_type="CAUSAL_LM")
+    cfg._register_custom_module({MixedPrecisionLinear: _lora_layer_cls()})
+    return cfg
+
+
+def run_lora(r, model, train_ids, train_labels, val_ids, val_labels, work_dir, resume, fp, device, progress, log):
+    import warnings
+    from peft import get_peft_model
+    from .train import train
+    cfg = lora_config(model, r.lora_rank)
+    torch.manual_seed(r.seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Unsupported layer type.*")
+        pm = get_peft_model(model, cfg)
+    pm.to(device)
+    rep = train(pm, train_ids, r.train_settings(progress), work_dir, resume, train_labels, val_ids, val_labels,
+                fp, device, log)
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    return pm.to("cpu"), rep, None
+
+
+def save_lora(pm, tokenizer, out_dir, compress_report, summary):
+    """GPTQ checkpoint (the frozen base) + ``lora_adapter/`` (peft)."""
+    from .export import save_checkpoint
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import copy
+    pm.save_pretrained(out_dir / "lora_adapter")
+    base = copy.deepcopy(pm).unload()  # keep ``pm`` (the evaluated model) intact
+    from .export import STORAGE_DTYPE
+    save_checkpoint(base.to(STORAGE_DTYPE), tokenizer, out_dir, compress_report, {**summary, "lora_adapter": "lora_adapter/"})
+
+
+def load_lora(path):
+    """(PeftModel, tokenizer) from a folder written by the ``lora`` recipe."""
+    import warnings
+    from pathlib import Path
+    from peft import LoraConfig, PeftModel
+    from .hf import load_checkpoint
+    base, tok = load_checkpoint(path)
+    adir = Path(path) / "lora_adapter"
+    if not adir.is_dir():
+        raise GiftError(f"{path} has no lora_adapter/ folder")
+    c = LoraConfig.from_pretrained(str(adir))
+    c._register_custom_module({MixedPrecisionLinear: _lora_layer_cls()})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Unsupported layer type.*")
+        pm = PeftModel.from_pretrained(base, str(adir), config=c)
+    return pm.eval(), tok

@@ -1,0 +1,172 @@
+"""``GiftLinear``: the GIFT-SW training module.
+
+    y = x @ (base + noise)^T + x[..., idx] @ salient_weight^T (+ bias)
+
+- ``base`` [out, in] is a frozen buffer (no grad, ever): the FP weight for ``pre`` or the dequantized
+  codes of a :class:`MixedPrecisionLinear` for ``post``. Its salient columns are zero, so the FP
+  columns live only in ``salient_weight``: nothing is stored twice.
+- ``salient_weight`` [out, k] is the only trainable tensor (fp32 master copy).
+- In training mode each forward adds quantization noise (:mod:`gift_quant.noise`) to the non-salient
+  columns, freshly sampled per call from a seed drawn from torch's global RNG. The backward pass
+  regenerates the same noise from that seed instead of keeping a perturbed copy of the weight.
+- A custom autograd Function computes grad(salient_weight) = grad_out^T @ x[..., idx] and
+  grad(x) = grad_out @ (base + noise) (+ the salient part): a dense weight gradient is never formed.
+- In eval mode there is no noise: the output is deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import noise as qni
+from ..errors import GiftError
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _weight(base, idx, delta, kind, seed, dtype):
+    if seed is None:
+        return base.to(dtype)  # no noise: the buffer itself (no copy when the dtype matches)
+    w = base.to(dtype, copy=True)
+    if seed is not None:
+        w.add_(qni.sample(w.shape, delta, kind, seed, w.device, dtype))
+        if idx.numel():
+            w[:, idx] = 0
+    return w
+
+
+class _GiftLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, salient_weight, base, idx, delta, bias, kind, seed):
+        dt = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dt)
+            w = _weight(base, idx, delta, kind, seed, dt)
+            y = F.linear(xc, w, None if bias is None else bias.to(dt))
+            del w
+            x_sal = xc[..., idx]
+            if idx.numel():
+                y = y + F.linear(x_sal, salient_weight.to(dt))
+        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta)
+        ctx.kind, ctx.seed, ctx.dt, ctx.x_dtype = kind, seed, dt, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x_sal, salient_weight, base, idx, delta = ctx.saved_tensors
+        dt = ctx.dt
+        gy = gy.to(dt)
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            w = _weight(base, idx, delta, ctx.kind, ctx.seed, dt)
+            gx = gy @ w
+            del w
+            if idx.numel():
+                gx.index_add_(-1, idx, gy @ salient_weight.to(dt))
+            gx = gx.to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            out, k = salient_weight.shape
+            gs = gy.reshape(-1, out).t().to(salient_weight.dtype) @ x_sal.reshape(-1, k).to(salient_weight.dtype)
+        return gx, gs, None, None, None, None, None, None
+
+
+class GiftLinear(nn.Module):
+    """Frozen base + trainable FP salient columns + training-time quantization noise."""
+
+    def __init__(self, base: torch.Tensor, salient_idx: torch.Tensor, salient_weight: torch.Tensor,
+                 bias: torch.Tensor | None = None, bits: int = 4, noise: str = "gaussian",
+                 noise_bits: int | None = None, mode: str = "pre", delta: torch.Tensor | None = None,
+                 clip_search: bool = True):
+        super().__init__()
+        qni.check_kind(noise)
+        out_f, in_f = base.shape
+        idx = salient_idx.to(device=base.device, dtype=torch.long)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= in_f or idx.unique().numel() != idx.numel()):
+            raise GiftError("salient_idx out of range or repeated")
+        if tuple(salient_weight.shape) != (out_f, idx.numel()):
+            raise GiftError(f"salient_weight shape {list(salient_weight.shape)} != [{out_f}, {idx.numel()}]")
+        self.in_features, self.out_features = in_f, out_f
+        self.bits, self.noise, self.noise_bits, self.mode = bits, noise, noise_bits or bits, mode
+        base = base.detach().float()
+        if idx.numel():
+            base[:, idx] = 0
+        self.register_buffer("base", base)
+        self.register_buffer("salient_idx", idx)
+        if delta is None:
+            delta = qni.row_step(base, self.noise_bits, idx, mse=clip_search) if noise != "none" else torch.zeros(out_f)
+        self.register_buffer("delta", delta.detach().float().to(base.device))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
+        self._packed = None  # the MixedPrecisionLinear a post module writes back into (not a submodule)
+
+    # ---- conversions ---------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, salient_idx: torch.Tensor, bits: int, noise: str = "gaussian",
+                    noise_bits: int | None = None) -> "GiftLinear":
+        """``pre``: FP base. Delta comes from the FP weight's non-salient columns."""
+        W = lin.weight.detach().float()
+        idx = salient_idx.long().to(W.device)
+        return cls(W.clone(), idx, W[:, idx], lin.bias, bits, noise, noise_bits, mode="pre")
+
+    @classmethod
+    def from_mixed(cls, mpl, noise: str = "gaussian", noise_bits: int | None = None) -> "GiftLinear":
+        """``post``: the frozen dequantized codes of ``mpl`` (salient slots are 0 by construction).
+        Delta_i uses the row max of the dequantized non-salient codes (they are clip-searched already)."""
+        base = mpl.dequantize_base(torch.float32)
+        # the codes are already clip-searched: alpha_i is the row max of the dequantized base
+        m = cls(base, mpl.salient_idx.long(), mpl.salient_weight.detach(), mpl.bias, mpl.bits, noise,
+                noise_bits, mode="post", clip_search=False)
+        m._packed = mpl
+        return m
+
+    def to_linear(self) -> nn.Linear:
+        """``pre``: the FP weight with the trained columns written in (input to GPTQ)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.base.device, dtype=torch.float32)
+        with torch.no_grad():
+            w = self.base.clone()
+            if self.salient_idx.numel():
+                w[:, self.salient_idx] = self.salient_weight.detach()
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def to_mixed(self):
+        """``post``: the same packed codes with the trained FP16 columns written back."""
+        if self._packed is None:
+            raise GiftError("to_mixed needs a GiftLinear made by from_mixed (post); pre modules go through GPTQ")
+        mpl = self._packed
+        with torch.no_grad():
+            mpl.salient_weight.data.copy_(self.salient_weight.detach().to(mpl.salient_weight.dtype).cpu())
+        return mpl
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seed = None
+        if self.training and self.noise != "none":
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # global RNG: seeded per step by the trainer
+        return _GiftLinearFn.apply(x, self.salient_weight, self.base, self.salient_idx, self.delta, self.bias,
+                                   self.noise, seed)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.salient_idx.numel()}, "
+                f"mode={self.mode}, noise={self.noise}@{self.noise_bits}bit")
+
+
+def swap_modules(model: nn.Module, fn, kinds) -> dict[str, nn.Module]:
+    """Replace every submodule of a type in ``kinds`` by ``fn(name, module)``; returns the new ones."""
+    out = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, kinds):
+            new = fn(name, m)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            out[name] = new
+    return out
