@@ -422,5 +422,34 @@ def attach_salient(model, sidecar) -> list:
     return handles
 
 
+def main(argv=None) -> int:
+    """``python -m gift_quant.gptq_interop import|export SRC DST [--zero-format auto|v1|v2] [--overwrite]``."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m gift_quant.gptq_interop",
+                                 description="GPTQ checkpoint <-> gift checkpoint")
+    ap.add_argument("direction", choices=["import", "export"],
+                    help="import: GPTQ folder -> gift folder (k=0); export: gift folder -> GPTQ v2 folder + sidecar")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--zero-format", default="auto", choices=["auto", "v1", "v2"])
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        if a.direction == "import":
+            s = import_gptq(a.src, a.dst, zero_format=a.zero_format, overwrite=a.overwrite)
+        else:
+            s = export_gptq(a.src, a.dst, overwrite=a.overwrite)
+    except GiftError as e:
+        print(f"gift-quant: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(s, default=str))
+    return 0
+
+
 __all__ = ["import_gptq", "export_gptq", "attach_salient", "read_gptq_config", "check_gptq_config",
            "detect_zero_format", "bitstream_unpack", "v2_to_v1_qzeros"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -223,3 +223,26 @@ def test_checkpoint_config_disagreement_names_module(quantized, tmp_path, change
         AutoModelForCausalLM.from_pretrained(bad)
     with pytest.raises(GiftError, match=pattern):
         load_quantized_model(None, bad)
+
+
+# ------------------------------------------------------------------------------------------ lm-eval
+@pytest.mark.slow
+def test_lm_eval_hf_harness_reads_gift_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval's ``hf`` model on a gift checkpoint folder gives exactly what it gives on the in-memory
+    quantized model (so the folder loaded the packed weights, not random Linears)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from pathlib import Path
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the task's data_files path is repo-relative
+    cfg = GiftConfig(bits=4, group_size=32, n_salient=4, dataset=TEXTS, calib_samples=4, seq_len=64)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg)
+    m.save_pretrained(tmp_path / "q")
+    char_tokenizer().save_pretrained(tmp_path / "q")
+    tm = TaskManager(include_path="tests/lm_eval_task")
+    kw = dict(tasks=["gift_heldout_topics"], task_manager=tm, device="cpu", batch_size=1, limit=2)
+    from_dir = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'q'},dtype=float32", **kw)
+    in_mem = lm_eval.simple_evaluate(model=HFLM(pretrained=m, tokenizer=char_tokenizer(), batch_size=1), **kw)
+    a = from_dir["results"]["gift_heldout_topics"]["bits_per_byte,none"]
+    b = in_mem["results"]["gift_heldout_topics"]["bits_per_byte,none"]
+    assert 0 < a < 20 and abs(a - b) < 1e-4

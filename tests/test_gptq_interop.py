@@ -205,3 +205,13 @@ def test_gptqmodel_quantized_checkpoint_imports(tmp_path, tiny_model_dir, bits, 
     with torch.no_grad():
         ref, got = theirs.model(x).logits.float(), ours(x).logits
     assert ((got - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_module_command_line(tmp_path, capsys):
+    from gift_quant.gptq_interop import main
+    _, d = _gift_ckpt(tmp_path, bits=2)
+    assert main(["export", str(d), str(tmp_path / "g")]) == 0
+    assert main(["import", str(tmp_path / "g"), str(tmp_path / "i")]) == 0
+    assert '"zero_format": "v2"' in capsys.readouterr().out
+    assert main(["import", str(tmp_path / "g"), str(tmp_path / "i")]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
