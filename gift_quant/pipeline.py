@@ -106,11 +106,23 @@ def _to(obj, device):
 
 
 def _run_layer(layer, batches):
+    """Layer outputs per batch; batches kept off the layer's device (offloaded) move over one at a time."""
+    dev = next(layer.parameters()).device
     outs = []
     for h, kw in batches:
-        o = layer(h, **kw)
-        outs.append(o[0] if isinstance(o, (tuple, list)) else o)
+        o = layer(h.to(dev), **_to(kw, dev))
+        o = o[0] if isinstance(o, (tuple, list)) else o
+        outs.append(o.to(h.device))
     return outs
+
+
+def activation_device(samples: torch.Tensor, hidden: int, device: torch.device) -> torch.device:
+    """Keep calibration activations on the compute device when they fit comfortably, else on CPU."""
+    if device.type != "cuda":
+        return device
+    need = samples.numel() * hidden * 4 * 2  # inputs and outputs of a layer, fp32
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < 0.4 * free else torch.device("cpu")
 
 
 def _collect_stats(layer, lins, batches, device) -> dict:
@@ -246,7 +258,8 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
     report = CompressReport()
     model_device = next(model.parameters()).device
     batches = capture_inputs(model, samples, batch_size, model_device)
-    batches = [(h.to(device), _to(kw, device)) for h, kw in batches]
+    act_dev = activation_device(samples, getattr(model.config, "hidden_size", 4096), device)
+    batches = [(h.to(act_dev), _to(kw, act_dev)) for h, kw in batches]
     counts = dict(config.salient_counts)
     bar = tqdm(range(len(layers)), desc=f"{config.method} {config.bits}-bit", unit="layer", disable=not progress)
     state = LayerState(state_dir, config, samples, model) if state_dir is not None else None
