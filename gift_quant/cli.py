@@ -76,12 +76,48 @@ def cmd_verify(a) -> int:
     return 0
 
 
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="deployment benchmark: prefill, decode tokens/s, memory, size, perplexity")
+    p.add_argument("path", help="a gift-quant checkpoint folder")
+    p.add_argument("--baseline", default=None, help="float model to compare with (folder, .gguf or 'bundled')")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile (CUDA graphs on GPU)")
+    p.add_argument("--eval-windows", type=int, default=4, help="512-token windows of held-out text (0: skip)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG plot (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_bench(a) -> int:
+    from . import bench
+    try:
+        batches = [int(b) for b in a.batch.split(",") if b.strip()]
+    except ValueError:
+        raise GiftError(f"--batch must be comma-separated integers, got {a.batch!r}") from None
+    if not batches or min(batches) < 1 or a.prompt_len < 1 or a.new_tokens < 2:
+        raise GiftError("--batch, --prompt-len must be >= 1 and --new-tokens >= 2")
+    rows = bench.run(a.path, a.baseline, batches, a.prompt_len, a.new_tokens, a.compile, a.device,
+                     a.eval_windows, progress=not a.quiet)
+    if rows and rows[0]["device"] == "cpu":
+        print("(CPU: the PyTorch fallback path; peak memory is the process's peak RSS)")
+    print(bench.table(rows))
+    if a.json:
+        bench.write_json(rows, a.json)
+    if a.plot:
+        bench.plot(rows, a.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gift-quant", description="GIFT-SW mixed-precision compression for transformers")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compress(sub)
     _add_eval(sub)
     _add_verify(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -188,7 +224,7 @@ def main(argv=None) -> int:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
             hf_logging.set_verbosity_error()
-        return {"compress": cmd_compress, "eval": cmd_eval, "verify": cmd_verify}[a.command](a)
+        return {"compress": cmd_compress, "eval": cmd_eval, "verify": cmd_verify, "bench": cmd_bench}[a.command](a)
     except GiftError as e:
         print(f"gift-quant: error: {e}", file=sys.stderr)
         return 2
