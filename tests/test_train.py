@@ -168,7 +168,7 @@ def _recipe(tmp_path, method, **kw):
     txt = _write_text(tmp_path)
     ov = dict(bits=3, group_size=32, calib_dataset=txt, calib_samples=8, calib_seq_len=32, train_dataset=txt,
               seq_len=32, batch_size=2, steps=4, save_every=2, n_salient=4, salient_ratio=None,
-              max_train_tokens=None)
+              max_train_tokens=None, noise="gaussian", lr=1e-4)  # noise on: resume must replay the noise seeds
     ov.update(kw)
     return load_recipe(method, ov, device="cpu")
 
