@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -109,6 +110,7 @@ def main():
         rows.append(dict(bits=b, gptqmodel_ppl=g_ppl, gptqmodel_s=g_sec, gift_ppl=o_ppl, gift_s=rep.seconds,
                          zero_format=summary["zero_format"]))
         print(json.dumps(rows[-1]), flush=True)
+    shutil.rmtree(work, ignore_errors=True)  # ~1 GB of checkpoints per run
     if a.gptqmodel_only:
         return
     date = datetime.date.today().isoformat()
