@@ -51,3 +51,7 @@ def tiny_model_dir(tmp_path_factory):
     m.save_pretrained(d)
     char_tokenizer().save_pretrained(d)
     return d
+
+
+# tiny models run faster single-threaded (no OpenMP overhead, no oversubscription beside other jobs)
+torch.set_num_threads(1)
