@@ -60,7 +60,13 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of the idle text")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--json", default=None, help="also write raw results here")
+    ap.add_argument("--from-json", default=None, help="only re-render the section from a --json file of an earlier run")
+    ap.add_argument("--budget", default=None, help="with --from-json: the budget line to print")
+    ap.add_argument("--command", default=None, help="with --from-json: the command that produced the results")
     a = ap.parse_args(argv)
+    if a.from_json:
+        write_section(a, json.loads(Path(a.from_json).read_text()), a.budget or "see the command", None)
+        return
     bits_list = [int(b) for b in a.bits.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     methods = [m for m in a.methods.split(",") if m]
@@ -129,7 +135,7 @@ def table(results) -> str:
         groups.setdefault((r["bits"], r["method"]), []).append(r)
     untrained = {b: statistics.mean(x["ppl"] for x in rs) for (b, m), rs in groups.items() if m == "none"}
     lines = ["| bits | method | bits/weight | ppl idle (mean ± spread) | / FP | log-gap closed vs none | "
-             "trainable params | train s/step | peak RSS/mem MB |",
+             "trainable params | train s/step | peak MB (CUDA: per run; CPU: process max RSS so far) |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for (b, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
@@ -177,12 +183,13 @@ def write_section(a, results, budget, seconds):
     out = Path(a.out)
     png = out.with_name("bench_recipes.png")
     has_png = plot(results, png)
-    cmd = "python tools/bench_recipes.py " + " ".join(sys.argv[1:])
+    cmd = getattr(a, "command", None) or "python tools/bench_recipes.py " + " ".join(sys.argv[1:])
     body = "\n".join([
         BEGIN,
         "### GIFT-SW recipes and baselines (tools/bench_recipes.py)",
         "",
-        f"`{cmd}` on {machine()}, {datetime.date.today().isoformat()}, {seconds / 60:.0f} min in all.",
+        f"`{cmd}` on {machine()}, {datetime.date.today().isoformat()}"
+        + (f", {seconds / 60:.0f} min in all." if seconds else "."),
         f"Budget: {budget}. The GGUF weights are dequantized Q4_1, so 4-bit numbers look better than on a "
         "true FP16 model. 'log-gap closed' = (log ppl(none) - log ppl(method)) / (log ppl(none) - log ppl(FP)).",
         "",
