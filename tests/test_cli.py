@@ -84,14 +84,6 @@ def test_bad_paths(tmp_path, capsys, tiny_model_dir):
     assert code == 2 and "too little" in err
 
 
-def test_recipes_not_yet_say_so(tiny_model_dir, tmp_path, capsys):
-    code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o", "--recipe", "post"))
-    if code == 2:
-        assert "not available yet" in err
-    else:  # training has landed
-        assert code == 0
-
-
 def test_checkpoint_tensor_mismatch_is_refused(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ck"
     assert _run(capsys, *_compress_args(tiny_model_dir, out, "--bits", "4", "--no-eval"))[0] == 0
