@@ -84,40 +84,6 @@ def run_ste(r, model, train_ids, train_labels, val_ids, val_labels, work_dir, re
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------
-def _lora_layer_cls():
-    from peft.tuners.lora.layer import LoraLayer
-
-    class LoraMixedLinear(nn.Module, LoraLayer):
-        """peft LoRA around a MixedPrecisionLinear (peft 0.21 ``_register_custom_module``)."""
-
-        def __init__(self, base_layer, adapter_name, config, r=0, lora_alpha=1, **kwargs):
-            super().__init__()
-            LoraLayer.__init__(self, base_layer)
-            self._active_adapter = adapter_name
-            self._w = None  # dequantized base, cached for speed (not saved)
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-
-        def forward(self, x, *args, **kwargs):
-            b = self.base_layer
-            if self._w is None or self._w.device != x.device:
-                self._w = b.dequantize(torch.float32).to(x.device)
-            result = F.linear(x, self._w.to(x.dtype), None if b.bias is None else b.bias.to(x.dtype))
-            if self.disable_adapters:
-                return result
-            for name in self.active_adapters:
-                if name not in self.lora_A.keys():
-                    continue
-                A, B = self.lora_A[name], self.lora_B[name]
-                xin = self._cast_input_dtype(x, A.weight.dtype)
-                result = result + (B(A(self.lora_dropout[name](xin))) * self.scaling[name]).to(result.dtype)
-            return result
-
-        def __repr__(self):
-            return "lora." + super().__repr__()
-
-    return LoraMixedLinear
-
-
 def matched_ranks(model) -> dict[str, int]:
     """Per-module rank r with r * (in + out) ~= k * out (GIFT's trainable count), at least 1."""
     return {n: max(1, round(m.n_salient * m.out_features / (m.in_features + m.out_features)))
@@ -142,8 +108,8 @@ def lora_config(model, rank: int | None = None):
     cfg = LoraConfig(r=default, lora_alpha=2 * default, target_modules=suffixes, lora_dropout=0.0, bias="none",
                      rank_pattern=pattern, alpha_pattern={k: 2 * v for k, v in pattern.items()},
                      task_type="CAUSAL_LM")
-    cfg._register_custom_module({MixedPrecisionLinear: _lora_layer_cls()})
-    return cfg
+    from .nn.lora import register_peft
+    return register_peft(cfg)
 
 
 def run_lora(r, model, train_ids, train_labels, val_ids, val_labels, work_dir, resume, fp, device, progress, log):
@@ -185,7 +151,8 @@ def load_lora(path):
     if not adir.is_dir():
         raise GiftError(f"{path} has no lora_adapter/ folder")
     c = LoraConfig.from_pretrained(str(adir))
-    c._register_custom_module({MixedPrecisionLinear: _lora_layer_cls()})
+    from .nn.lora import register_peft
+    register_peft(c)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Unsupported layer type.*")
         pm = PeftModel.from_pretrained(base, str(adir), config=c)

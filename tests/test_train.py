@@ -304,3 +304,14 @@ def test_cli_post_recipe_and_errors(tmp_path, tiny_model_dir, capsys):
     short.write_text("tiny")
     assert main([*base, "--output", str(tmp_path / "o3"), "--recipe", "post", "--train-dataset", str(short)]) == 2
     assert "too little training text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ste", "lora"])
+def test_baseline_recipes_run(tmp_path, tiny_model_dir, method):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    r = _recipe(tmp_path, method, noise="none")
+    s = run_recipe(r, model, char_tokenizer(), out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                   progress=False, device="cpu")
+    assert s["steps"] == 4 and s["trainable_params"] > 0
+    assert (tmp_path / "out" / "config.json").is_file()
