@@ -30,8 +30,8 @@ def _cli(argv, env=None):
 
 
 def test_kill_and_resume_is_bit_identical(four_layer_dir, tmp_path):
-    ref = tmp_path / "ref"
-    assert main(_args(four_layer_dir, ref)) == 0
+    ref = tmp_path / "ref"  # same process setup (threads) as the killed and resumed runs
+    assert _cli(_args(four_layer_dir, ref)).returncode == 0
     out = tmp_path / "out"
     r = _cli(_args(four_layer_dir, out), env={"GIFT_QUANT_KILL_AFTER_LAYER": "1"})
     assert r.returncode == -9, r.stderr
