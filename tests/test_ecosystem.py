@@ -15,15 +15,6 @@ from .conftest import char_tokenizer, tiny_llama
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 12, "Calibration text for a tiny model, " * 12]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """(model, saved dir, input, reference logits) from GiftQuantizer on the tiny Llama."""

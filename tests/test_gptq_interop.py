@@ -17,15 +17,6 @@ from .conftest import char_tokenizer, tiny_llama
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel 7.7 refuses a 2-core machine otherwise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gift_ckpt(tmp, bits=4, sym=False, k=0, gs=32, desc_act=True, seed=0):
     m = tiny_llama(seed=seed)
     torch.manual_seed(seed)
