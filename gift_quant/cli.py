@@ -141,7 +141,8 @@ def cmd_compress(a) -> int:
 
     from .data import calibration_samples, eval_windows, load_texts
     from .evaluate import perplexity
-    from .export import STORAGE_DTYPE, atomic_output_dir, partial_dir, round_to_storage, save_checkpoint
+    from .export import (STORAGE_DTYPE, atomic_output_dir, check_output, round_to_storage, safetensors_mib,
+                         save_checkpoint)
     from .model_io import load_model
     from .pipeline import compress_model, decoder_layers, linears
 
@@ -150,11 +151,7 @@ def cmd_compress(a) -> int:
         return compress_with_recipe(a)
     cfg = _config_from_args(a)
     cfg.resolved_metric()
-    if Path(a.output).exists() and not a.overwrite:
-        raise GiftError(f"output folder {a.output} already exists (pass --overwrite to replace it)")
-    partial = partial_dir(a.output)
-    if partial.exists() and not a.resume:
-        raise GiftError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+    partial = check_output(a.output, a.overwrite, a.resume)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
@@ -171,7 +168,7 @@ def cmd_compress(a) -> int:
         ev = eval_windows(load_texts(a.eval_dataset), tok, 512, a.eval_windows)
     with atomic_output_dir(a.output, a.overwrite) as tmp:
         report = compress_model(model, samples, cfg, device=a.device, progress=not a.quiet,
-                                state_dir=partial_dir(a.output) / "compress", resume=a.resume)
+                                state_dir=partial / "compress", resume=a.resume)
         summary = {"model": a.model or "bundled SmolLM2-135M-Instruct", "bits": cfg.bits,
                    "group_size": cfg.group_size, "method": cfg.method, "recipe": cfg.recipe,
                    "metric": cfg.metric, "salient_columns_total": sum(m.k for m in report.modules),
@@ -183,10 +180,10 @@ def cmd_compress(a) -> int:
             summary[f"perplexity ({a.eval_dataset}, {ev.shape[0]}x512)"] = round(
                 perplexity(model, ev, progress=not a.quiet), 3)
         save_checkpoint(model.to(STORAGE_DTYPE), tok, tmp, report, summary)
-    shutil.rmtree(partial_dir(a.output), ignore_errors=True)  # the checkpoint is complete
-    size = sum(f.stat().st_size for f in Path(a.output).rglob("*.safetensors"))
+    shutil.rmtree(partial, ignore_errors=True)  # the checkpoint is complete
     print(f"compressed in {time.time() - t0:.0f}s: {cfg.bits}-bit {cfg.method}, "
-          f"{report.bits_per_weight:.3f} bits/weight in decoder Linears, {size / 2**20:.1f} MiB on disk -> {a.output}")
+          f"{report.bits_per_weight:.3f} bits/weight in decoder Linears, {safetensors_mib(a.output):.1f} MiB on disk "
+          f"-> {a.output}")
     for k, v in summary.items():
         if k.startswith("perplexity"):
             print(f"{k}: {v}")

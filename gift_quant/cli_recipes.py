@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from .errors import GiftError
 
@@ -48,16 +47,12 @@ def overrides(a) -> dict:
 
 def compress_with_recipe(a) -> int:
     from .data import eval_windows, load_texts
-    from .export import atomic_output_dir, partial_dir
+    from .export import atomic_output_dir, check_output, safetensors_mib
     from .model_io import load_model
     from .recipes import load_recipe, run_recipe
 
     r = load_recipe(a.recipe, overrides(a), a.device)  # --salient alone: exactly that many columns (no ratio cap)
-    if Path(a.output).exists() and not a.overwrite:
-        raise GiftError(f"output folder {a.output} already exists (pass --overwrite to replace it)")
-    partial = partial_dir(a.output)
-    if partial.exists() and not a.resume:
-        raise GiftError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+    partial = check_output(a.output, a.overwrite, a.resume)
     t0 = time.time()
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
     name = a.model or "bundled SmolLM2-135M-Instruct"
@@ -70,9 +65,9 @@ def compress_with_recipe(a) -> int:
     shutil.rmtree(partial, ignore_errors=True)  # the checkpoint is complete
     s.pop("_model", None)
     s.pop("_train_report", None)
-    size = sum(f.stat().st_size for f in Path(a.output).rglob("*.safetensors"))
     print(f"compressed in {time.time() - t0:.0f}s: recipe {r.recipe}, {r.bits}-bit, "
-          f"{s.get('bits_per_weight')} bits/weight in decoder Linears, {size / 2**20:.1f} MiB on disk -> {a.output}")
+          f"{s.get('bits_per_weight')} bits/weight in decoder Linears, {safetensors_mib(a.output):.1f} MiB on disk "
+          f"-> {a.output}")
     if "steps" in s:
         print(f"trained {s['steps']} steps ({s['trainable_params']} parameters, {s['train_step_seconds']} s/step)")
     if "perplexity" in s:

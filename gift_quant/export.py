@@ -37,6 +37,21 @@ def partial_dir(target) -> Path:
     return t.with_name(t.name + ".partial")
 
 
+def check_output(target, overwrite: bool, resume: bool) -> Path:
+    """Refuse before any long work: an existing output folder (without ``overwrite``) or an interrupted
+    run's state (without ``resume``). Returns the run's :func:`partial_dir`."""
+    if Path(target).exists() and not overwrite:
+        raise GiftError(f"output folder {target} already exists (pass --overwrite to replace it)")
+    partial = partial_dir(target)
+    if partial.exists() and not resume:
+        raise GiftError(f"{partial} holds an interrupted run: pass --resume to continue it, or delete it")
+    return partial
+
+
+def safetensors_mib(folder) -> float:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors")) / 2**20
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces ``target``, on failure it is removed."""
