@@ -52,6 +52,36 @@ class MixedPrecisionLinear(nn.Module):
             m.bias.copy_(bias.detach().to(dtype))
         return m
 
+    @classmethod
+    @torch.no_grad()
+    def random(cls, in_features: int, out_features: int, bits: int, group_size: int = 128, n_salient: int = 0,
+               bias: bool = False, act_order: bool = False, dtype: torch.dtype = torch.float16,
+               seed: int = 0) -> "MixedPrecisionLinear":
+        """A valid layer with random codes, scales, zeros and FP16 columns (kernel tests, speed benchmarks
+        of model shapes; never for accuracy claims)."""
+        gen = torch.Generator().manual_seed(seed)
+        K, N = in_features, out_features
+        G = n_groups(K, group_size)
+        gs = group_size if group_size > 0 else K
+        order = torch.randperm(K, generator=gen) if act_order else torch.arange(K)
+        g_idx = torch.empty(K, dtype=torch.long)
+        g_idx[order] = torch.arange(K) // gs
+        codes = torch.randint(0, 2 ** bits, (N, K), generator=gen)
+        zeros = torch.randint(0, 2 ** bits, (G, N), generator=gen)
+        scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002)
+        sal = torch.randperm(K, generator=gen)[:n_salient].sort().values
+        codes[:, sal] = zeros[g_idx[sal]].t()
+        m = cls(K, N, bits, group_size, n_salient, bias, dtype)
+        m.qweight.copy_(pack_qweight(codes.to(torch.int32), bits))
+        m.qzeros.copy_(pack_qzeros(zeros.to(torch.int32), bits))
+        m.scales.copy_(scales.to(dtype))
+        m.g_idx.copy_(g_idx.to(torch.int32))
+        m.salient_idx.copy_(sal.to(torch.int32))
+        m.salient_weight.data.copy_((torch.randn(N, n_salient, generator=gen) * 0.05).to(dtype))
+        if bias:
+            m.bias.copy_((torch.randn(N, generator=gen) * 0.1).to(dtype))
+        return m
+
     def codes(self) -> torch.Tensor:
         """Integer codes [out, in]."""
         return unpack_qweight(self.qweight, self.bits, self.in_features).t()

@@ -1,0 +1,90 @@
+"""``torch.ops.gift_quant.mixed_linear``: the CUDA kernel as a torch.library custom op.
+
+A custom op with a fake (meta) implementation lets ``torch.compile`` trace through it and capture it
+in CUDA graphs (``mode="reduce-overhead"``). On tensors the extension cannot take (CPU, no build) the
+op runs :func:`prepared_forward`, the same math in PyTorch, so it is never wrong, only slower.
+"""
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import build
+from .prepare import PreparedLinear, prepared_forward
+
+GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "8"))
+
+
+@torch.library.custom_op("gift_quant::mixed_linear", mutates_args=())
+def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
+                    salient_weight: Tensor, salient_idx: Tensor, bias: Optional[Tensor], bits: int,
+                    in_features: int, out_features: int, gemv_max_tokens: int) -> Tensor:
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    ext = build.extension() if x.is_cuda else None
+    if ext is None:
+        p = PreparedLinear(qweight, perm, gidx, scales, zeros, bits, False)
+        y = prepared_forward(x2d, p, salient_weight, salient_idx, bias)
+    elif x2d.shape[0] <= gemv_max_tokens and out_features % 4 == 0:
+        y = ext.gemv(x2d, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, bits,
+                     out_features)
+    else:
+        wt = ext.dequant_t(qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bits, in_features,
+                           out_features)
+        y = torch.addmm(bias, x2d, wt) if bias is not None else x2d @ wt
+    return y.reshape(*lead, out_features)
+
+
+@mixed_linear_op.register_fake
+def _(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, bits, in_features,
+      out_features, gemv_max_tokens):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ---- self-check: the kernel is only used for a (bits, dtype, device) after it matched PyTorch once ----
+
+_checked: dict = {}
+
+
+def _random_case(bits: int, dtype, device, K: int, N: int, k: int, group_size: int, act_order: bool,
+                 bias: bool, seed: int):
+    from ..nn.mixed_linear import MixedPrecisionLinear
+    layer = MixedPrecisionLinear.random(K, N, bits, group_size, k, bias=bias, act_order=act_order,
+                                        dtype=torch.float16, seed=seed).to(device)
+    return layer
+
+
+def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_TOKENS) -> Tensor:
+    sw = layer.salient_weight.detach().to(x.dtype).contiguous()
+    b = None if layer.bias is None else layer.bias.to(x.dtype).contiguous()
+    return torch.ops.gift_quant.mixed_linear(x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw,
+                                             layer.salient_idx.to(torch.int32).contiguous(), b, layer.bits,
+                                             layer.in_features, layer.out_features, gemv_max_tokens)
+
+
+def self_check(bits: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Compare both kernel paths with a float64 PyTorch reference on a small random layer, once."""
+    key = (bits, dtype, str(device))
+    if key in _checked:
+        return _checked[key]
+    ok, worst = True, 0.0
+    with torch.no_grad():
+        for act_order, m in ((False, 1), (True, 3), (False, 20)):
+            layer = _random_case(bits, dtype, device, K=200, N=132, k=7, group_size=64, act_order=act_order,
+                                 bias=True, seed=1234 + m)
+            from .prepare import prepare
+            p = prepare(layer, dtype)
+            x = torch.randn(m, 200, device=device, dtype=torch.float32).to(dtype)
+            ref = layer.dequantize(torch.float64) @ x.double().t()
+            ref = ref.t() + layer.bias.double()
+            y = run_op(x, layer, p).double()
+            err = ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+            worst = max(worst, err)
+            ok = ok and bool(torch.isfinite(y).all()) and err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+    if not ok:
+        warnings.warn(f"gift-quant: CUDA kernel failed its self-check (bits={bits}, {dtype}, rel. error "
+                      f"{worst:.2e}); using the PyTorch path for these layers", stacklevel=3)
+    _checked[key] = ok
+    return ok
