@@ -33,6 +33,8 @@ def test_prepared_layout_matches_reference_float64():
         x = torch.randn(3, K, dtype=torch.float64, generator=gen)
         p = prepare(layer, torch.float64)
         assert p.repacked == (act and 0 < gs < K)  # act-order groups are not monotone: rows get sorted
+        if not p.repacked and (gs < 0 or gs % 32 == 0):
+            assert p.chunk_uniform  # the kernel's fast path: one group check per 32-row chunk
         y = prepared_forward(x, p, layer.salient_weight, layer.salient_idx, layer.bias)
         torch.testing.assert_close(y, reference64(layer, x), rtol=1e-10, atol=1e-10,
                                    msg=f"bits={bits} gs={gs} k={k} act={act} K={K} N={N}")
@@ -57,7 +59,7 @@ def test_custom_op_schema_fake_and_cpu_path():
     p = prepare(layer, torch.float32)
     x = torch.randn(2, 64)
     args = (x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, layer.salient_weight.float().contiguous(),
-            layer.salient_idx, layer.bias.float(), 3, 64, 36, 8)
+            layer.salient_idx, layer.bias.float(), 3, 64, 36, 8, p.chunk_uniform)
     torch.library.opcheck(torch.ops.gift_quant.mixed_linear.default, args)
     y = torch.ops.gift_quant.mixed_linear(*args)
     torch.testing.assert_close(y.double(), reference64(layer, x), rtol=1e-4, atol=1e-4)
@@ -217,3 +219,21 @@ def test_kernel_module_imports_without_cuda_toolchain():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PATH": "/usr/bin:/bin", "CUDA_HOME": ""})
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("desc_act", [True, False])
+def test_gift_checkpoints_take_the_chunk_uniform_fast_path(tiny_model, calib, desc_act):
+    """GPTQ groups are formed over non-salient columns, so once salient rows leave the base every
+    32-row chunk lies in one group, with and without act-order."""
+    from gift_quant import GiftConfig
+    from gift_quant.api import quantize_
+    quantize_(tiny_model, GiftConfig(bits=3, group_size=32, n_salient=5, desc_act=desc_act), dataset=calib[:4],
+              progress=False)
+    layers = [m for m in tiny_model.modules() if isinstance(m, MixedPrecisionLinear)]
+    assert layers
+    for layer in layers:
+        p = prepare(layer, torch.float32)
+        assert p.chunk_uniform and p.repacked == desc_act
+        x = torch.randn(2, layer.in_features, dtype=torch.float64)
+        torch.testing.assert_close(prepared_forward(x, prepare(layer, torch.float64), layer.salient_weight,
+                                                    layer.salient_idx, layer.bias), reference64(layer, x))

@@ -80,5 +80,8 @@ def mixed_linear(x: torch.Tensor, layer) -> torch.Tensor:
             bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
             return torch.ops.gift_quant.mixed_linear(
                 x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw.contiguous(), layer.salient_idx,
-                bias, layer.bits, layer.in_features, layer.out_features, GEMV_MAX_TOKENS)
+                bias, layer.bits, layer.in_features, layer.out_features, GEMV_MAX_TOKENS, p.chunk_uniform)
     return mixed_linear_reference(x, layer)
+
+
+from . import ops  # noqa: E402,F401  (registers torch.ops.gift_quant.mixed_linear)

@@ -20,7 +20,7 @@ GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "8"))
 @torch.library.custom_op("gift_quant::mixed_linear", mutates_args=())
 def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
                     salient_weight: Tensor, salient_idx: Tensor, bias: Optional[Tensor], bits: int,
-                    in_features: int, out_features: int, gemv_max_tokens: int) -> Tensor:
+                    in_features: int, out_features: int, gemv_max_tokens: int, chunk_uniform: bool) -> Tensor:
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
     ext = build.extension() if x.is_cuda else None
@@ -29,7 +29,7 @@ def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scal
         y = prepared_forward(x2d, p, salient_weight, salient_idx, bias)
     elif x2d.shape[0] <= gemv_max_tokens and out_features % 4 == 0:
         y = ext.gemv(x2d, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, bits,
-                     out_features)
+                     out_features, int(chunk_uniform))
     else:
         wt = ext.dequant_t(qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bits, in_features,
                            out_features)
@@ -39,7 +39,7 @@ def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scal
 
 @mixed_linear_op.register_fake
 def _(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, bits, in_features,
-      out_features, gemv_max_tokens):
+      out_features, gemv_max_tokens, chunk_uniform):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -61,7 +61,8 @@ def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_
     b = None if layer.bias is None else layer.bias.to(x.dtype).contiguous()
     return torch.ops.gift_quant.mixed_linear(x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw,
                                              layer.salient_idx.to(torch.int32).contiguous(), b, layer.bits,
-                                             layer.in_features, layer.out_features, gemv_max_tokens)
+                                             layer.in_features, layer.out_features, gemv_max_tokens,
+                                             p.chunk_uniform)
 
 
 def self_check(bits: int, dtype: torch.dtype, device: torch.device) -> bool:

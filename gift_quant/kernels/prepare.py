@@ -30,6 +30,7 @@ class PreparedLinear:
     zeros: torch.Tensor    # uint8 [G, N]
     bits: int
     repacked: bool
+    chunk_uniform: bool = False  # every 32-row chunk lies in one group: the kernel checks groups per chunk
 
 
 def _aligned(t: torch.Tensor, nbytes: int = 16) -> torch.Tensor:
@@ -71,9 +72,12 @@ def prepare(layer, dtype: torch.dtype) -> PreparedLinear:
         perm = _pad(rows, chunks * 32, -1)
         gidx = _pad(g[rows], chunks * 32, int(g[rows[-1]]) if rows.numel() else 0)
         repacked = True
-    return PreparedLinear(qweight=_aligned(qweight), perm=perm.to(torch.int32).contiguous(),
-                          gidx=gidx.to(torch.int32).contiguous(), scales=_aligned(layer.scales.to(dtype)),
-                          zeros=_aligned(zeros.to(torch.uint8)), bits=bits, repacked=repacked)
+    gidx = gidx.to(torch.int32).contiguous()
+    chunked = gidx.view(-1, 32)
+    uniform = bool((chunked == chunked[:, :1]).all()) if gidx.numel() else True
+    return PreparedLinear(qweight=_aligned(qweight), perm=perm.to(torch.int32).contiguous(), gidx=gidx,
+                          scales=_aligned(layer.scales.to(dtype)), zeros=_aligned(zeros.to(torch.uint8)),
+                          bits=bits, repacked=repacked, chunk_uniform=uniform)
 
 
 def prepared_forward(x: torch.Tensor, p: PreparedLinear, salient_weight: torch.Tensor,

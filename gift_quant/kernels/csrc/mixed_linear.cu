@@ -59,6 +59,12 @@ __device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[BITS], int j) {
   return v & ((1u << BITS) - 1u);
 }
 
+// Exact int -> float for codes < 2^23 without the slow I2F unit: OR the code into the mantissa of
+// 2^23 and subtract 2^23 (one LOP3 + one FADD at full rate).
+__device__ __forceinline__ float code_to_float(uint32_t c) {
+  return __int_as_float(0x4B000000u | c) - 8388608.0f;
+}
+
 template <typename T>
 __device__ __forceinline__ void load4(const T* p, float (&out)[kVec]) {
   // 4 x 16-bit = 8 bytes, aligned because N % 4 == 0 and col % 4 == 0
@@ -75,11 +81,12 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(
     const T* __restrict__ scales, const uint8_t* __restrict__ zeros,
     const T* __restrict__ sal_w, const int32_t* __restrict__ sal_idx, int k,
     const T* __restrict__ bias, float* __restrict__ out,
-    int N, int chunks, int chunks_per_split, int sal_per_split) {
+    int N, int chunks, int chunks_per_split, int sal_per_split, int chunk_uniform) {
   extern __shared__ float smem[];
   const int ld = chunks_per_split * 32 + sal_per_split;  // per-token stride in smem
   float* xs = smem;                                        // [MT][ld] activations as float
-  int* gs = reinterpret_cast<int*>(smem + MT * ld);        // [chunks_per_split*32] groups
+  float* xcs = smem + MT * ld;                             // [MT][chunks_per_split] per-chunk sums of x
+  int* gs = reinterpret_cast<int*>(xcs + MT * chunks_per_split);  // [chunks_per_split*32] groups
 
   const int split = blockIdx.y;
   const int c0 = split * chunks_per_split;
@@ -102,6 +109,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(
 #pragma unroll
     for (int m = 0; m < MT; ++m)
       xs[m * ld + chunks_per_split * 32 + i] = (m < M) ? to_f(x[m * x_stride + p]) : 0.f;
+  }
+  __syncthreads();
+  const int nc = rows / 32;
+  for (int t = threadIdx.x; t < MT * nc; t += kThreads) {
+    const int m = t / nc, cl = t % nc;
+    float sum = 0.f;
+    for (int j = 0; j < 32; ++j) sum += xs[m * ld + cl * 32 + j];
+    xcs[m * chunks_per_split + cl] = sum;
   }
   __syncthreads();
 
@@ -145,24 +160,48 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(
       w[3][b] = (uint32_t)q.w;
     }
     const int lb = (c - c0) * 32;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int g = gs[lb + j];  // same for every thread: the branch is uniform
+    if (chunk_uniform) {
+      // one group per 32-row chunk (no act-order, group size a multiple of 32): check it once
+      const int g = gs[lb];
       if (g != cur_g) {
         if (cur_g >= 0) flush(cur_g);
         cur_g = g;
       }
-      float xv[MT];
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        xv[m] = xs[m * ld + lb + j];
-        xsum[m] += xv[m];
+      for (int m = 0; m < MT; ++m) xsum[m] += xcs[m * chunks_per_split + (c - c0)];
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        float xv[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) xv[m] = xs[m * ld + lb + j];
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const float f = code_to_float(code_at<BITS>(w[v], j));
+#pragma unroll
+          for (int m = 0; m < MT; ++m) part[m][v] = fmaf(f, xv[m], part[m][v]);
+        }
       }
+    } else {
+      // groups may change inside a chunk: the (uniform) check runs per row
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) {
-        const float f = (float)code_at<BITS>(w[v], j);
+      for (int j = 0; j < 32; ++j) {
+        const int g = gs[lb + j];
+        if (g != cur_g) {
+          if (cur_g >= 0) flush(cur_g);
+          cur_g = g;
+        }
+        float xv[MT];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) part[m][v] = fmaf(f, xv[m], part[m][v]);
+        for (int m = 0; m < MT; ++m) {
+          xv[m] = xs[m * ld + lb + j];
+          xsum[m] += xv[m];
+        }
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const float f = code_to_float(code_at<BITS>(w[v], j));
+#pragma unroll
+          for (int m = 0; m < MT; ++m) part[m][v] = fmaf(f, xv[m], part[m][v]);
+        }
       }
     }
   }
@@ -222,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(
       const float s = to_f(scales[(size_t)g * N + col]);
       const float z = (float)zeros[(size_t)g * N + col];
       // (c - z) * s is exact in fp32 for 16-bit s, so this rounds once, like the PyTorch path
-      wt[(size_t)p * N + col] = from_f<T>(((float)code_at<BITS>(w, j) - z) * s);
+      wt[(size_t)p * N + col] = from_f<T>((code_to_float(code_at<BITS>(w, j)) - z) * s);
     }
   } else {
     const int i1 = min(k, (c - chunks + 1) * 32);
@@ -275,14 +314,14 @@ template <typename T, int BITS, int MT>
 void launch_gemv(const torch::Tensor& x2d, int64_t m0, int M, const torch::Tensor& qw, const torch::Tensor& perm,
                  const torch::Tensor& gidx, const torch::Tensor& scales, const torch::Tensor& zeros,
                  const torch::Tensor& sal_w, const torch::Tensor& sal_idx, const c10::optional<torch::Tensor>& bias,
-                 torch::Tensor& out, int N, int chunks, cudaStream_t stream) {
+                 torch::Tensor& out, int N, int chunks, int chunk_uniform, cudaStream_t stream) {
   const int k = (int)sal_w.size(1);
   const int col_blocks = (int)ceil_div(N, kColsPerBlock);
   const int target_blocks = 4 * sm_count(x2d.get_device());
   int64_t splits = std::max<int64_t>(1, ceil_div(target_blocks, col_blocks));
   splits = std::min<int64_t>(splits, std::max(chunks, 1));
-  // shared memory per packed row: MT floats + one int; per salient row: MT floats
-  const int64_t max_cps = std::max<int64_t>(1, kSmemBudget / 2 / (32 * (MT + 1) * 4));
+  // shared memory per packed chunk: 32*MT floats + MT chunk sums + 32 ints; per salient row: MT floats
+  const int64_t max_cps = std::max<int64_t>(1, kSmemBudget / 2 / ((32 * (MT + 1) + MT) * 4));
   int64_t cps = chunks > 0 ? ceil_div(chunks, splits) : 0;
   if (cps > max_cps) cps = max_cps;
   if (cps > 0) splits = ceil_div(chunks, cps);
@@ -293,7 +332,7 @@ void launch_gemv(const torch::Tensor& x2d, int64_t m0, int M, const torch::Tenso
   }
   const int64_t sps = k > 0 ? ceil_div(k, splits) : 0;
   TORCH_CHECK(splits <= 65535, "layer too large for the gemv grid");
-  const size_t smem = (size_t)((cps * 32 + sps) * MT + cps * 32) * sizeof(float);
+  const size_t smem = (size_t)((cps * 32 + sps) * MT + cps * MT + cps * 32) * sizeof(float);
   const dim3 grid(col_blocks, (unsigned)splits);
   const T* xp = reinterpret_cast<const T*>(x2d.data_ptr()) + m0 * x2d.stride(0);
   gemv_kernel<T, BITS, MT><<<grid, kThreads, smem, stream>>>(
@@ -301,7 +340,7 @@ void launch_gemv(const torch::Tensor& x2d, int64_t m0, int M, const torch::Tenso
       reinterpret_cast<const T*>(scales.data_ptr()), zeros.data_ptr<uint8_t>(),
       reinterpret_cast<const T*>(sal_w.data_ptr()), sal_idx.data_ptr<int32_t>(), k,
       bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-      out.data_ptr<float>() + m0 * N, N, chunks, (int)cps, (int)sps);
+      out.data_ptr<float>() + m0 * N, N, chunks, (int)cps, (int)sps, chunk_uniform);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -309,12 +348,13 @@ template <typename T, int BITS>
 void gemv_bits(const torch::Tensor& x2d, const torch::Tensor& qw, const torch::Tensor& perm,
                const torch::Tensor& gidx, const torch::Tensor& scales, const torch::Tensor& zeros,
                const torch::Tensor& sal_w, const torch::Tensor& sal_idx, const c10::optional<torch::Tensor>& bias,
-               torch::Tensor& out, int N, int chunks, cudaStream_t stream) {
+               torch::Tensor& out, int N, int chunks, int chunk_uniform, cudaStream_t stream) {
   const int64_t M = x2d.size(0);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
     const int mt = (int)std::min<int64_t>(kMaxTokens, M - m0);
 #define GIFT_GEMV(MT_) \
-  launch_gemv<T, BITS, MT_>(x2d, m0, mt, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, stream)
+  launch_gemv<T, BITS, MT_>(x2d, m0, mt, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, chunk_uniform, \
+                            stream)
     if (mt == 1) GIFT_GEMV(1);
     else if (mt == 2) GIFT_GEMV(2);
     else if (mt <= 4) GIFT_GEMV(4);
@@ -344,12 +384,12 @@ void gemv_dispatch(const torch::Tensor& x2d, const torch::Tensor& qw, const torc
                    const torch::Tensor& gidx, const torch::Tensor& scales, const torch::Tensor& zeros,
                    const torch::Tensor& sal_w, const torch::Tensor& sal_idx,
                    const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t bits, int N, int chunks,
-                   cudaStream_t stream) {
+                   int cu, cudaStream_t stream) {
   switch (bits) {
-    case 2: gemv_bits<T, 2>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, stream); break;
-    case 3: gemv_bits<T, 3>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, stream); break;
-    case 4: gemv_bits<T, 4>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, stream); break;
-    default: gemv_bits<T, 8>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, stream); break;
+    case 2: gemv_bits<T, 2>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, cu, stream); break;
+    case 3: gemv_bits<T, 3>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, cu, stream); break;
+    case 4: gemv_bits<T, 4>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, cu, stream); break;
+    default: gemv_bits<T, 8>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, N, chunks, cu, stream); break;
   }
 }
 
@@ -371,7 +411,7 @@ void dequant_dispatch(const torch::Tensor& qw, const torch::Tensor& perm, const 
 // y [M, N] for x2d [M, K] on the gemv path. Needs N % 4 == 0.
 torch::Tensor gemv(torch::Tensor x2d, torch::Tensor qw, torch::Tensor perm, torch::Tensor gidx,
                    torch::Tensor scales, torch::Tensor zeros, torch::Tensor sal_w, torch::Tensor sal_idx,
-                   c10::optional<torch::Tensor> bias, int64_t bits, int64_t N) {
+                   c10::optional<torch::Tensor> bias, int64_t bits, int64_t N, int64_t chunk_uniform) {
   TORCH_CHECK(x2d.is_cuda() && x2d.dim() == 2 && x2d.stride(1) == 1, "x must be a 2-D row-major CUDA tensor");
   check_weights(x2d.scalar_type(), qw, perm, gidx, scales, zeros, sal_w, sal_idx, bits, N);
   TORCH_CHECK(N % kVec == 0, "the gemv path needs out_features % 4 == 0");
@@ -385,10 +425,11 @@ torch::Tensor gemv(torch::Tensor x2d, torch::Tensor qw, torch::Tensor perm, torc
     const int chunks = (int)(qw.size(0) / bits);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (x2d.scalar_type() == at::kHalf)
-      gemv_dispatch<__half>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, bits, (int)N, chunks, stream);
+      gemv_dispatch<__half>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, bits, (int)N, chunks,
+                            (int)chunk_uniform, stream);
     else
       gemv_dispatch<__nv_bfloat16>(x2d, qw, perm, gidx, scales, zeros, sal_w, sal_idx, bias, out, bits, (int)N,
-                                   chunks, stream);
+                                   chunks, (int)chunk_uniform, stream);
   }
   return out.to(x2d.scalar_type());
 }
