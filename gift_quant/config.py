@@ -37,7 +37,7 @@ class GiftConfig(QuantizationConfigMixin):
                  n_salient: int | None = DEFAULT_N_SALIENT, salient_ratio: float | None = DEFAULT_SALIENT_RATIO,
                  metric: str = "gift", metric_tau=None, metric_rho=None, metric_gamma=None,
                  metric_weight: str | None = None, method: str = "gptq", damp_percent: float = 0.01,
-                 block_size: int = 128, mse_clip: bool = True, recipe: str = "none",
+                 block_size: int = 128, mse_clip: bool = True, true_sequential: bool = True, recipe: str = "none",
                  modules_not_converted: list[str] | None = None, dataset: Any = None,
                  calib_samples: int = 64, seq_len: int = 512, seed: int = 0,
                  salient_counts: dict[str, int] | None = None, format: str = FORMAT,
@@ -58,6 +58,9 @@ class GiftConfig(QuantizationConfigMixin):
         self.damp_percent = damp_percent
         self.block_size = block_size
         self.mse_clip = mse_clip
+        # quantize a layer's Linears stage by stage (q/k/v, o, gate/up, down), each stage calibrated on the
+        # outputs of the already-quantized stages before it (as GPTQ's reference code and GPTQModel do)
+        self.true_sequential = true_sequential
         self.recipe = recipe
         self.modules_not_converted = list(modules_not_converted) if modules_not_converted is not None else ["lm_head"]
         self.dataset = dataset
@@ -80,7 +83,7 @@ class GiftConfig(QuantizationConfigMixin):
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or \
                 not (self.group_size == -1 or self.group_size >= 1):
             bad("group_size", f"must be -1 (per row) or a positive int, got {self.group_size!r}")
-        for f in ("sym", "desc_act", "mse_clip"):
+        for f in ("sym", "desc_act", "mse_clip", "true_sequential"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, f"must be true or false, got {getattr(self, f)!r}")
         if self.n_salient is not None and (not isinstance(self.n_salient, int) or isinstance(self.n_salient, bool)

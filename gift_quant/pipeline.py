@@ -125,28 +125,73 @@ def activation_device(samples: torch.Tensor, hidden: int, device: torch.device) 
     return device if need < 0.4 * free else torch.device("cpu")
 
 
-def _collect_stats(layer, lins, batches, device) -> dict:
-    """Input statistics per Linear; Linears fed the very same tensor (q/k/v, gate/up) share one."""
+class _StopForward(Exception):
+    """Raised by a hook once every Linear of the current stage has seen its input."""
+
+
+def stages(layer, lins: dict, batch) -> list[list[str]]:
+    """The Linears of ``layer`` in forward order, grouped by shared input (q/k/v, o, gate/up, down)."""
+    order: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def fn(_mod, inp, _out):
+            order.append((name, inp[0]))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    try:
+        _run_layer(layer, [batch])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, x in order:
+        if any(name in g for g in groups):
+            continue  # a Linear called twice keeps its first position
+        if groups and x is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    order.clear()
+    missing = [n for n in lins if not any(n in g for g in groups)]
+    return groups + ([missing] if missing else [])
+
+
+def _collect_stats(layer, lins, batches, device, stop_early: bool = False) -> dict:
+    """Input statistics per Linear; Linears fed the very same tensor (q/k/v, gate/up) share one.
+    With ``stop_early`` the forward stops once every Linear in ``lins`` has fired (later stages'
+    compute is not needed for these statistics)."""
     stats, alias, seen = {}, {}, []
+    fired: set[str] = set()
 
     def hook(name):
         def fn(_mod, inp, _out):
             x = inp[0]
+            fired.add(name)
             for t, leader in seen:  # identity, not address: the held reference keeps t alive
                 if t is x:
                     alias[name] = leader
-                    return
-            seen.append((x, name))
-            if name not in stats:
-                stats[name] = ActivationStats(x.shape[-1], device=device)
-            stats[name].add(x)
+                    break
+            else:
+                seen.append((x, name))
+                if name not in stats:
+                    stats[name] = ActivationStats(x.shape[-1], device=device)
+                stats[name].add(x)
+            if stop_early and len(fired) == len(lins):
+                raise _StopForward
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
     try:
         for b in batches:
             seen.clear()
-            _run_layer(layer, [b])
+            fired.clear()
+            try:
+                _run_layer(layer, [b])
+            except _StopForward:
+                pass
     finally:
         seen.clear()
         for h in handles:
@@ -240,6 +285,38 @@ class LayerState:
 
 
 @torch.no_grad()
+def _quantize_one(n, lin, st, full, config, metric, salient, device, storage_dtype, packed, counts, report):
+    """Select the FP16 columns of one Linear, quantize the rest, and put the quantized weight in place
+    (so later stages and the next layer see the quantized output)."""
+    if not torch.isfinite(st.xtx).all():
+        raise GiftError(f"{full}: calibration activations contain NaN or Inf")
+    W = lin.weight.data.float()
+    k = config.salient_for(lin.in_features, full)
+    scores = sensitivity(W, st.norm(metric.rho), metric, config.bits, config.group_size, config.sym)
+    if salient is not None and full in salient:
+        idx = salient[full].to(device=scores.device, dtype=torch.long).sort().values
+        k = idx.numel()
+    else:
+        idx = select_salient(scores, k)
+    H = st.hessian
+    if config.method == "gptq":
+        qw = gptq_quantize(W, H, config.bits, config.group_size, config.sym, config.desc_act, idx,
+                           damp=config.damp_percent, block_size=config.block_size,
+                           mse=config.mse_clip, name=full)
+    else:
+        qw = rtn_quantize(W, config.bits, config.group_size, config.sym, idx, mse=config.mse_clip, name=full)
+    mpl = MixedPrecisionLinear.from_quantized(qw, lin.bias, config.group_size, storage_dtype)
+    W_eff = mpl.dequantize(torch.float32).to(device)
+    Hd = H.to(torch.float64)
+    rel = layer_error(W.to(torch.float64), W_eff.to(torch.float64), Hd) / max(
+        float(torch.sum((W.to(torch.float64) @ Hd) * W.to(torch.float64))), 1e-30)
+    lin.weight.data.copy_(W_eff.to(lin.weight.dtype))  # the next layer sees the quantized output
+    packed[n] = mpl
+    counts[full] = k
+    report.modules.append(ModuleReport(full, tuple(W.shape), k, idx.cpu(), scores.cpu(), rel))
+    _account(report, mpl)
+
+
 def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None, batch_size: int = 8,
                    progress: bool = True, storage_dtype=torch.float16,
                    salient: dict[str, torch.Tensor] | None = None, state_dir=None,
@@ -274,38 +351,18 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             for n, lin in lins.items():
                 lin.weight.data.copy_(packed[n].dequantize(torch.float32).to(device, lin.weight.dtype))
             lins = {}
+        if not lins:
+            groups = []  # resumed layer: nothing to quantize
+        elif config.true_sequential:
+            groups = stages(layer, lins, batches[0])
         else:
-            stats = _collect_stats(layer, lins, batches, device)
-        for n, lin in lins.items():
-            full = f"{prefix}.{li}.{n}"
-            st = stats[n]
-            if not torch.isfinite(st.xtx).all():
-                raise GiftError(f"{full}: calibration activations contain NaN or Inf")
-            W = lin.weight.data.float()
-            k = config.salient_for(lin.in_features, full)
-            scores = sensitivity(W, st.norm(metric.rho), metric, config.bits, config.group_size, config.sym)
-            if salient is not None and full in salient:
-                idx = salient[full].to(device=scores.device, dtype=torch.long).sort().values
-                k = idx.numel()
-            else:
-                idx = select_salient(scores, k)
-            H = st.hessian
-            if config.method == "gptq":
-                qw = gptq_quantize(W, H, config.bits, config.group_size, config.sym, config.desc_act, idx,
-                                   damp=config.damp_percent, block_size=config.block_size,
-                                   mse=config.mse_clip, name=full)
-            else:
-                qw = rtn_quantize(W, config.bits, config.group_size, config.sym, idx, mse=config.mse_clip, name=full)
-            mpl = MixedPrecisionLinear.from_quantized(qw, lin.bias, config.group_size, storage_dtype)
-            W_eff = mpl.dequantize(torch.float32).to(device)
-            Hd = H.to(torch.float64)
-            rel = layer_error(W.to(torch.float64), W_eff.to(torch.float64), Hd) / max(
-                float(torch.sum((W.to(torch.float64) @ Hd) * W.to(torch.float64))), 1e-30)
-            lin.weight.data.copy_(W_eff.to(lin.weight.dtype))  # the next layer sees the quantized output
-            packed[n] = mpl
-            counts[full] = k
-            report.modules.append(ModuleReport(full, tuple(W.shape), k, idx.cpu(), scores.cpu(), rel))
-            _account(report, mpl)
+            groups = [list(lins)]
+        for group in groups:
+            stats = _collect_stats(layer, {n: lins[n] for n in group}, batches, device,
+                                   stop_early=config.true_sequential)
+            for n in group:
+                _quantize_one(n, lins[n], stats[n], f"{prefix}.{li}.{n}", config, metric, salient, device,
+                              storage_dtype, packed, counts, report)
         if state is not None and lins:
             state.save(li, packed, report.modules[-len(lins):])
         outs = _run_layer(layer, batches)
