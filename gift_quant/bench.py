@@ -37,15 +37,25 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def generate_options(mode: str) -> dict:
+    """Extra ``generate`` kwargs for a mode. ``eager`` turns off transformers' own auto-compile, which
+    otherwise compiles the decode step of a static cache on CUDA (eager numbers would not be eager)."""
+    return {"disable_compile": True} if mode == "eager" else {}
+
+
 @torch.no_grad()
-def measure(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, device, repeats: int = 3) -> dict:
-    """Median prefill seconds and decode tokens/s (greedy, static cache, exactly ``new_tokens``)."""
+def measure(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, device, repeats: int = 3,
+            **generate_kwargs) -> dict:
+    """Median prefill seconds and decode tokens/s (greedy, static cache, exactly ``new_tokens``).
+    ``generate_kwargs`` go to every ``generate`` call (e.g. ``disable_compile``, ``compile_config``)."""
     g = torch.Generator().manual_seed(batch * 1000 + prompt_len)
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
     gen = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, attention_mask=mask,
-               cache_implementation="static", pad_token_id=0)
-    model.generate(ids, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up (and compile)
+               cache_implementation="static", pad_token_id=0, **generate_kwargs)
+    # warm-up (and compile) at the timed length: the static cache then has its final size, so no
+    # recompile or CUDA-graph capture falls inside the timed calls
+    model.generate(ids, **gen)
     prefill, total = [], []
     for _ in range(repeats):
         _sync(device)
@@ -60,6 +70,25 @@ def measure(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, dev
     p, tt = statistics.median(prefill), statistics.median(total)
     decode_s = max(tt - p, 1e-9)
     return {"prefill_ms": p * 1e3, "decode_tok_s": batch * (new_tokens - 1) / decode_s}
+
+
+def measure_safe(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, device, **generate_kwargs) -> dict:
+    """:func:`measure` with peak memory (reset first on CUDA) and ``status`` "ok" or "OOM" (caught)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row = {}
+    try:
+        row.update(measure(model, vocab, batch, prompt_len, new_tokens, device, **generate_kwargs))
+        row["status"] = "ok"
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if not _is_oom(e):
+            raise
+        row["status"] = "OOM"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["peak_mem_mib"] = _peak_memory_mib(device)
+    return row
 
 
 def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compile=False, device=None,
@@ -96,18 +125,7 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
                 row = {"model": label, "path": src, "mode": mode, "batch": b, "prompt_len": prompt_len,
                        "new_tokens": new_tokens, "device": str(device), "size_mib": disk_size_mib(src),
                        "ppl_idle": ppl}
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                try:
-                    row.update(measure(model, vocab, b, prompt_len, new_tokens, device))
-                    row["status"] = "ok"
-                except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                    if not _is_oom(e):
-                        raise
-                    row["status"] = "OOM"
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                row["peak_mem_mib"] = _peak_memory_mib(device)
+                row.update(measure_safe(model, vocab, b, prompt_len, new_tokens, device, **generate_options(mode)))
                 rows.append(row)
                 bar.update(1)
         del model
@@ -115,14 +133,17 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    head = "| model | mode | batch | prefill ms | decode tok/s | peak MiB | disk MiB | ppl (idle) | status |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], extra: tuple = ()) -> str:
+    """Markdown table; ``extra`` adds columns as (header, key, format) after the standard ones."""
+    head = "| model | mode | batch | prefill ms | decode tok/s | peak MiB | disk MiB | ppl (idle) | " + \
+        "".join(f"{h} | " for h, _, _ in extra) + "status |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {f(r.get('prefill_ms'), '.1f')} | "
-                     f"{f(r.get('decode_tok_s'), '.1f')} | {f(r['peak_mem_mib'], '.0f')} | "
-                     f"{f(r['size_mib'], '.1f')} | {f(r['ppl_idle'], '.2f')} | {r['status']} |")
+                     f"{f(r.get('decode_tok_s'), '.1f')} | {f(r.get('peak_mem_mib'), '.0f')} | "
+                     f"{f(r.get('size_mib'), '.1f')} | {f(r.get('ppl_idle'), '.2f')} | "
+                     + "".join(f"{f(r.get(k), fmt)} | " for _, k, fmt in extra) + f"{r['status']} |")
     return "\n".join(lines)
 
 
