@@ -114,6 +114,9 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
         else:
             model, tok = load_model(src, dtype=dtype)
         model.to(device).eval()
+        if device.type == "cuda":  # build the kernel layout before anything is compiled
+            from .kernels import prepare_model
+            prepare_model(model, dtype)
         vocab = model.config.vocab_size
         ppl = None
         if eval_windows:
