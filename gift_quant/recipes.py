@@ -16,6 +16,8 @@ Methods (``recipe:`` field):
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import time
 from importlib import resources
@@ -107,12 +109,43 @@ def _check(key: str, value, where: str):
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
         names = "/".join("null" if t is _NONE else t.__name__ for t in types)
-        raise GiftError(f"{where}: recipe key {key!r} must be {names}, got {value!r}")
+        hint = ""
+        if float in types and isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads a number like 1e-4 as text: write 1.0e-4)"
+            except ValueError:
+                pass
+        raise GiftError(f"{where}: recipe key {key!r} must be {names}, got {value!r}{hint}")
 
 
 def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("gift_quant").joinpath("recipes").iterdir()
                   if p.name.endswith(".yaml"))
+
+
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: left to PyYAML's own error
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+        return loader.construct_mapping(node, deep)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
 
 
 def _read_yaml(spec: str) -> tuple[dict, str]:
@@ -121,14 +154,20 @@ def _read_yaml(spec: str) -> tuple[dict, str]:
     if spec.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise GiftError(f"recipe file not found: {spec}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise GiftError(f"{where}: not a UTF-8 text file") from None
+        except OSError as e:
+            raise GiftError(f"{where}: cannot read it ({e.strerror or e})") from None
     elif spec in METHODS or spec in builtin_names():
         res = resources.files("gift_quant").joinpath("recipes", f"{spec}.yaml")
         text, where = res.read_text(encoding="utf-8"), f"built-in recipe {spec!r}"
     else:
         raise GiftError(f"unknown recipe {spec!r}; choose one of {', '.join(builtin_names())} or give a .yaml file")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
         raise GiftError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -178,8 +217,16 @@ def _validate(r: Recipe, where: str):
     for k in ("val_windows", "eval_every", "patience", "save_every"):
         if getattr(r, k) < 0:
             raise GiftError(f"{where}: {k} must be >= 0, got {getattr(r, k)}")
-    if not r.lr > 0:
-        raise GiftError(f"{where}: lr must be > 0, got {r.lr}")
+    if not 0 < r.lr < math.inf:
+        raise GiftError(f"{where}: lr must be a finite number > 0, got {r.lr}")
+    if not 0 <= r.weight_decay < math.inf:
+        raise GiftError(f"{where}: weight_decay must be a finite number >= 0, got {r.weight_decay}")
+    if r.max_grad_norm is not None and not r.max_grad_norm >= 0:  # a negative norm would flip the gradients
+        raise GiftError(f"{where}: max_grad_norm must be >= 0 or null, got {r.max_grad_norm}")
+    if r.noise_bits is not None and r.noise_bits < 2:
+        raise GiftError(f"{where}: noise_bits must be >= 2 or null, got {r.noise_bits}")
+    if r.lora_rank is not None and r.lora_rank < 1:
+        raise GiftError(f"{where}: lora_rank must be >= 1 or null, got {r.lora_rank}")
     if not 0 <= r.warmup_ratio < 1:
         raise GiftError(f"{where}: warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
     r.gift_config()  # bits, group size, metric ... validated by GiftConfig
@@ -265,16 +312,18 @@ def _load_stage(model, work_dir: Path, fp: str):
 
 def compress_stage(r: Recipe, model, tokenizer, samples, work_dir, resume, device, progress, salient=None):
     from .pipeline import compress_model
-    from .train import fingerprint
+    from .train import fingerprint, is_main_process
     cfg = r.gift_config()
     fp = fingerprint(model, r.compression_fields())
     if resume and work_dir is not None:
         got = _load_stage(model, Path(work_dir), fp)
         if got is not None:
             return got[0], None, got[1]
-    state = dict(state_dir=Path(work_dir) / "compress", resume=resume) if work_dir is not None else {}
+    # multi-process: every rank compresses (deterministically); only rank 0 writes the shared state
+    writer = work_dir is not None and is_main_process()
+    state = dict(state_dir=Path(work_dir) / "compress", resume=resume) if writer else {}
     report = compress_model(model, samples, cfg, device=device, progress=progress, salient=salient, **state)
-    if work_dir is not None:
+    if writer:
         _save_stage(model, cfg, report, Path(work_dir), fp)
     return cfg, report, report.bits_per_weight
 
@@ -325,9 +374,13 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     from .export import STORAGE_DTYPE, round_to_storage, save_checkpoint
     from .nn import GiftLinear, MixedPrecisionLinear
     from .nn.gift_linear import swap_modules
-    from .train import fingerprint, train
+    from .train import dist_rank, fingerprint, train
     log = log or (lambda *a: None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = dist_rank()
+    if world > 1 and device.type == "cuda" and device.index is None:  # each rank on its own GPU, not all on cuda:0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     torch.manual_seed(r.seed)
     t0 = time.time()
     fp = fingerprint(model, r.training_fields())
@@ -401,7 +454,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     if eval_windows is not None:
         summary["perplexity"] = round(perplexity(model, eval_windows, progress=progress), 3)
     summary["total_seconds"] = round(time.time() - t0, 1)
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:  # multi-process: rank 0 alone writes the checkpoint
         out_dir = Path(out_dir)
         if r.recipe == "lora":
             from .baselines import save_lora

@@ -156,14 +156,34 @@ def read_state(work_dir) -> dict | None:
         raise GiftError(f"training checkpoint {f} is unreadable; delete {work_dir} to start over") from None
 
 
-def _accelerator():
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def dist_rank() -> tuple[int, int]:
+    """(rank, world size) of this process under ``accelerate launch`` / torchrun; (0, 1) otherwise.
+    Read from the launcher's environment, so it works before any process group exists."""
+    return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def is_main_process() -> bool:
+    return dist_rank()[0] == 0
+
+
+def _accelerator(cpu: bool = False):
+    if dist_rank()[1] <= 1:
         return None
     try:
         from accelerate import Accelerator
     except ImportError:
         raise GiftError("multi-process training needs `pip install accelerate`") from None
-    return Accelerator()
+    return Accelerator(cpu=cpu)
+
+
+def _ddp(acc, model):
+    """DDP via accelerate. Its construction broadcasts parameters and buffers from rank 0 once, so every
+    rank trains on identical frozen weights; after that the frozen buffers (dense base, codes, noise
+    scales: the whole model) are not re-sent on every forward, as DDP's default would do."""
+    run_model = acc.prepare_model(model)
+    if hasattr(run_model, "broadcast_buffers"):  # older torch: an attribute; newer: forward_sync_buffers
+        run_model.broadcast_buffers = False
+    return run_model
 
 
 @torch.no_grad()
@@ -206,11 +226,13 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     if not names:
         raise GiftError("nothing to train: no parameter requires grad")
     rep = TrainReport(trainable_params=sum(p.numel() for _, p in names))
-    acc = _accelerator()
+    acc = _accelerator(cpu=device.type == "cpu")  # --device cpu trains on CPU (gloo) even beside GPUs
     world, rank = (acc.num_processes, acc.process_index) if acc else (1, 0)
     main = rank == 0
+    if acc and device.type == acc.device.type:
+        device = acc.device  # this rank's own GPU (cuda:LOCAL_RANK), not cuda:0 for every rank
     opt = torch.optim.AdamW([p for _, p in names], lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999))
-    run_model = acc.prepare_model(model) if acc else model
+    run_model = _ddp(acc, model.to(device)) if acc else model
     work_dir = Path(work_dir) if work_dir else None
 
     start, best = 0, None

@@ -92,3 +92,48 @@ def test_manifest_verify(four_layer_dir, tmp_path, capsys):
     (out / "model.safetensors").write_bytes(bytes(data[:100]))
     assert main(["verify", str(out)]) == 2
     assert main(["verify", str(tmp_path)]) == 2
+
+
+BAD_RECIPES = [
+    ('bits: "two"', "recipe key 'bits' must be int, got 'two'"),
+    ("bits: true", "recipe key 'bits' must be int, got True"),
+    ("steps: many", "recipe key 'steps' must be int"),
+    ("steps: 2.5", "recipe key 'steps' must be int, got 2.5"),
+    ('train: {steps: "many"}', "unknown recipe key 'train'"),
+    ("gpu: {steps: many}", "(gpu): recipe key 'steps' must be int"),
+    ("cpu: [1, 2]", "'cpu' must be a mapping"),
+    ("n_salient: [1]", "'n_salient' must be int/null"),
+    ("lr: 1e-4", "write 1.0e-4"),  # YAML 1.1 reads 1e-4 (no dot) as a string
+    ("lr: .inf", "lr must be a finite number"),
+    ("max_grad_norm: -1.0", "max_grad_norm must be >= 0"),
+    ("noise_bits: 1", "noise_bits must be >= 2"),
+    ("bits: 5", "bits"),
+    ("bits: 3\nbits: 4", "key 'bits' is given twice"),
+    ("bits: [unclosed", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD_RECIPES, ids=[b.split(":")[0] + str(i) for i, (b, _) in
+                                                         enumerate(BAD_RECIPES)])
+def test_cli_recipe_with_wrong_types_is_one_line_exit_2(tmp_path, capsys, body, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"recipe: post\n{body}\n")
+    out = tmp_path / "out"
+    # the model path does not exist: the recipe must be refused before anything is loaded
+    assert main(["compress", "--model", str(tmp_path / "not-loaded"), "--output", str(out), "--recipe", str(bad),
+                 "--no-eval", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gift-quant: error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no output, no .partial
+
+
+def test_cli_recipe_not_utf8_in_a_real_process(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"recipe: post\nbits: \xff\xfe\n")
+    r = _cli(["compress", "--model", str(tmp_path / "not-loaded"), "--output", str(tmp_path / "out"),
+              "--recipe", str(bad), "--no-eval", "--quiet"])
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "not a UTF-8 text file" in lines[0], r.stderr
