@@ -45,23 +45,50 @@ def overrides(a) -> dict:
     return {k: v for k, v in o.items() if v is not None or k in ("n_salient", "salient_ratio")}  # None clears
 
 
+def _barrier(world: int):
+    """Wait for every rank. accelerate's wait_for_everyone() is a no-op for CPU ranks (distributed type NO),
+    so this uses the process group it initializes."""
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            from accelerate import PartialState
+            PartialState()
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def compress_with_recipe(a) -> int:
     from .data import eval_windows, load_texts
-    from .export import atomic_output_dir, check_output, safetensors_mib
+    from .export import atomic_output_dir, check_output, partial_dir, safetensors_mib
     from .model_io import load_model
     from .recipes import load_recipe, run_recipe
 
+    from .train import dist_rank
+
     r = load_recipe(a.recipe, overrides(a), a.device)  # --salient alone: exactly that many columns (no ratio cap)
-    partial = check_output(a.output, a.overwrite, a.resume)
+    rank, world = dist_rank()
+    main = rank == 0
+    # multi-process (accelerate launch / torchrun): rank 0 alone checks, owns and renames the output
+    if main:
+        partial = check_output(a.output, a.overwrite, a.resume)
+    _barrier(world)
+    partial = partial_dir(a.output)
     t0 = time.time()
-    log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    log = (lambda *x: None) if a.quiet or not main else (lambda *x: print(*x, file=sys.stderr, flush=True))
     name = a.model or "bundled SmolLM2-135M-Instruct"
     log(f"gift-quant: recipe {r.recipe} ({a.recipe}), {r.bits}-bit; loading {name}")
     model, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
     ev = None if a.no_eval else eval_windows(load_texts(a.eval_dataset), tok, 512, a.eval_windows)
-    with atomic_output_dir(a.output, a.overwrite) as tmp:
-        s = run_recipe(r, model, tok, out_dir=tmp, work_dir=partial, resume=a.resume, progress=not a.quiet,
-                       device=a.device, eval_windows=ev, model_name=name, log=log)
+    if main:
+        with atomic_output_dir(a.output, a.overwrite) as tmp:
+            s = run_recipe(r, model, tok, out_dir=tmp, work_dir=partial, resume=a.resume, progress=not a.quiet,
+                           device=a.device, eval_windows=ev, model_name=name, log=log)
+    else:
+        run_recipe(r, model, tok, out_dir=None, work_dir=partial, resume=a.resume, progress=False,
+                   device=a.device, eval_windows=ev, model_name=name, log=log)
+    _barrier(world)  # every rank is done with OUTPUT.partial before it goes
+    if not main:
+        return 0
     shutil.rmtree(partial, ignore_errors=True)  # the checkpoint is complete
     s.pop("_model", None)
     s.pop("_train_report", None)

@@ -120,12 +120,6 @@ def test_two_rank_gloo_training_all_reduces_and_rank0_writes(tmp_path):
     assert not leftovers
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "gift_quant/cli_recipes.py is not rank-aware: every rank enters atomic_output_dir and renames its own "
-    "temporary folder onto --output (a non-main rank's folder holds no weights), and every rank removes "
-    "OUTPUT.partial when done, while rank 0 may still write its final training state there. Observed: "
-    "rank 0 fails with 'writing ... failed: No such file or directory' and --output is left empty. "
-    "A race, so it may pass by chance: not strict"))
 def test_cli_post_recipe_under_two_ranks_writes_a_complete_checkpoint(tmp_path, tiny_model_dir):
     """The documented path: ``accelerate launch -m gift_quant.cli compress --recipe post ...``."""
     txt = tmp_path / "train.txt"
