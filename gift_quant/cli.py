@@ -29,6 +29,9 @@ def _add_compress(sub):
     p.add_argument("--sym", action="store_true", default=None, help="symmetric quantization (default asym)")
     p.add_argument("--no-act-order", dest="desc_act", action="store_false", default=None,
                    help="quantize columns in natural order (default: descending Hessian diagonal)")
+    p.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=None,
+                   help="quantize q/k/v, o, gate/up, down in turn, each calibrated on the quantized stages "
+                        "before it (as GPTQModel; slower)")
     p.add_argument("--salient", type=int, default=None, help="FP16 columns per Linear (0: plain GPTQ)")
     p.add_argument("--salient-ratio", type=float, default=None, help="FP16 columns as a share of in_features")
     p.add_argument("--metric", default=None, help="gift (default), owq, wanda or quik")
@@ -126,7 +129,8 @@ def _config_from_args(a):
     fields = {"bits": a.bits, "group_size": a.group_size, "sym": a.sym, "desc_act": a.desc_act,
               "metric": a.metric, "metric_tau": a.metric_tau, "metric_rho": a.metric_rho,
               "metric_gamma": a.metric_gamma, "metric_weight": a.metric_weight, "method": a.method,
-              "calib_samples": a.calib_samples, "seq_len": a.seq_len, "seed": a.seed, "dataset": a.dataset}
+              "calib_samples": a.calib_samples, "seq_len": a.seq_len, "seed": a.seed, "dataset": a.dataset,
+              "true_sequential": getattr(a, "true_sequential", None)}
     kw = {k: v for k, v in fields.items() if v is not None}
     if a.salient is not None or a.salient_ratio is not None:
         if a.salient is not None and a.salient < 0:

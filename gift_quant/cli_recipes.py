@@ -42,6 +42,8 @@ def overrides(a) -> dict:
     for k in ("metric_tau", "metric_rho", "metric_gamma", "metric_weight"):
         if getattr(a, k, None) is not None:
             raise GiftError(f"--{k.replace('_', '-')} is not supported with a training recipe; use --metric")
+    if getattr(a, "true_sequential", None):
+        raise GiftError("--true-sequential is not supported with a training recipe yet")
     return {k: v for k, v in o.items() if v is not None or k in ("n_salient", "salient_ratio")}  # None clears
 
 

@@ -46,3 +46,16 @@ def test_true_sequential_calibrates_later_stages_on_quantized_outputs(calib):
         not torch.equal(out[True].salient_weight, out[False].salient_weight)
     # the first stage sees the same (unquantized) input either way
     assert torch.equal(first[True].qweight, first[False].qweight)
+
+
+def test_cli_flag_sets_true_sequential_and_default_is_off():
+    from gift_quant.cli import _config_from_args, build_parser
+    base = ["compress", "--output", "x"]
+    assert _config_from_args(build_parser().parse_args(base)).true_sequential is False
+    assert _config_from_args(build_parser().parse_args(base + ["--true-sequential"])).true_sequential is True
+
+
+def test_true_sequential_with_a_training_recipe_is_refused(tmp_path, capsys):
+    from gift_quant.cli import main
+    rc = main(["compress", "--recipe", "post", "--true-sequential", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "not supported with a training recipe" in capsys.readouterr().err
