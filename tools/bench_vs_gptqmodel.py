@@ -102,7 +102,8 @@ def main():
                                   true_sequential=not a.no_true_sequential)), flush=True)
             continue
         cfg = GiftConfig(bits=b, group_size=a.group_size, sym=False, desc_act=True, n_salient=0, salient_ratio=None,
-                         damp_percent=a.damp, mse_clip=a.mse, calib_samples=a.calib_samples, seq_len=a.seq_len)
+                         damp_percent=a.damp, mse_clip=a.mse, calib_samples=a.calib_samples, seq_len=a.seq_len,
+                         true_sequential=not a.no_true_sequential)
         m = copy.deepcopy(model)
         rep = compress_model(m, calib, cfg, batch_size=a.batch_size, progress=False)
         o_ppl = perplexity(m, ev, progress=False)
@@ -120,12 +121,14 @@ def main():
            + (f" --model {a.model}" if a.model else "") + (f" --seq-len {a.seq_len}" if a.seq_len != 512 else "")
            + (f" --group-size {a.group_size}" if a.group_size != 128 else "")
            + (f" --calib-samples {a.calib_samples}" if a.calib_samples != 64 else "")
-           + (f" --eval-windows {a.eval_windows}" if a.eval_windows != 20 else "") + (" --mse" if a.mse else ""))
+           + (f" --eval-windows {a.eval_windows}" if a.eval_windows != 20 else "") + (" --mse" if a.mse else "")
+           + (" --no-true-sequential" if a.no_true_sequential else ""))
     lines = [f"### gift-quant (k = 0) vs GPTQModel {gptqmodel.__version__}: GPTQ on {a.model or 'the bundled SmolLM2-135M'} ({date})",
              "", f"Command: `{cmd}`. Machine: {machine}.", "",
              f"Same {a.calib_samples} x {a.seq_len}-token calibration windows (bundled text, seed 0, batch "
              f"{a.batch_size}), {', '.join(map(str, bits_list))} bits, group size {a.group_size}, act-order, asym, "
-             f"damping {a.damp}, clip search {'on (GPTQModel mse=2.4, gift mse_clip)' if a.mse else 'off on both'}. "
+             f"damping {a.damp}, clip search {'on (GPTQModel mse=2.4, gift mse_clip)' if a.mse else 'off on both'}, "
+             f"true-sequential {'off' if a.no_true_sequential else 'on'} on both. "
              f"Perplexity on `idle` ({ev.shape[0]} x 512 tokens, never used for calibration); both checkpoints are "
              "evaluated by the same fp32 code (the GPTQModel checkpoint imported bit-exactly with "
              "`gift_quant.gptq_interop`). Time = the quantization call only (GPTQModel `quantize()`, gift "

@@ -72,7 +72,7 @@ def self_check(bits: int, dtype: torch.dtype, device: torch.device) -> bool:
         return _checked[key]
     ok, worst = True, 0.0
     with torch.no_grad():
-        for act_order, m in ((False, 1), (True, 3), (False, 20)):
+        for act_order, m in ((False, 1), (True, 2), (True, 3), (False, 8), (False, 20)):  # MT 1, 2, 4, 8; mm
             layer = _random_case(bits, dtype, device, K=200, N=132, k=7, group_size=64, act_order=act_order,
                                  bias=True, seed=1234 + m)
             from .prepare import prepare
