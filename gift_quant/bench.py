@@ -114,9 +114,13 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
         else:
             model, tok = load_model(src, dtype=dtype)
         model.to(device).eval()
-        if device.type == "cuda":  # build the kernel layout before anything is compiled
-            from .kernels import prepare_model
-            prepare_model(model, dtype)
+        kernel = "-"
+        if device.type == "cuda" and label == "gift":  # build the kernel layout before anything is compiled
+            from .kernels import build, prepare_model
+            n = prepare_model(model, dtype)
+            kernel = f"cuda ({n} layers)" if n else f"pytorch ({build.unavailable_reason() or 'self-check failed'})"
+        elif label == "gift":
+            kernel = "pytorch (cpu)"
         vocab = model.config.vocab_size
         ppl = None
         if eval_windows:
@@ -127,7 +131,7 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
             for b in batches:
                 row = {"model": label, "path": src, "mode": mode, "batch": b, "prompt_len": prompt_len,
                        "new_tokens": new_tokens, "device": str(device), "size_mib": disk_size_mib(src),
-                       "ppl_idle": ppl}
+                       "ppl_idle": ppl, "kernel": kernel}
                 row.update(measure_safe(model, vocab, b, prompt_len, new_tokens, device, **generate_options(mode)))
                 rows.append(row)
                 bar.update(1)

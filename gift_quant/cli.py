@@ -106,7 +106,7 @@ def cmd_bench(a) -> int:
                      a.eval_windows, progress=not a.quiet)
     if rows and rows[0]["device"] == "cpu":
         print("(CPU: the PyTorch fallback path; peak memory is the process's peak RSS)")
-    print(bench.table(rows))
+    print(bench.table(rows, extra=(("linear path", "kernel", "s"),)))
     if a.json:
         bench.write_json(rows, a.json)
     if a.plot:

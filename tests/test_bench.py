@@ -11,7 +11,7 @@ def test_bench_cpu_tiny(tiny_model_dir, tmp_path, capsys):
     code = main(["bench", str(out), "--baseline", str(tiny_model_dir), "--batch", "1,2", "--prompt-len", "8",
                  "--new-tokens", "4", "--eval-windows", "1", "--json", str(j), "--quiet"])
     stdout = capsys.readouterr().out
-    assert code == 0 and "CPU" in stdout and "decode tok/s" in stdout
+    assert code == 0 and "CPU" in stdout and "decode tok/s" in stdout and "pytorch (cpu)" in stdout
     rows = json.loads(j.read_text())
     assert main(["bench", str(out), "--baseline", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "not found" in capsys.readouterr().err
