@@ -242,3 +242,20 @@ def test_gift_checkpoints_take_the_chunk_uniform_fast_path(tiny_model, calib, de
         x = torch.randn(2, layer.in_features, dtype=torch.float64)
         torch.testing.assert_close(prepared_forward(x, prepare(layer, torch.float64), layer.salient_weight,
                                                     layer.salient_idx, layer.bias), reference64(layer, x))
+
+
+def test_custom_op_traces_under_torch_compile_fullgraph():
+    """The fake implementation lets dynamo/AOT trace the op without a graph break (CPU, aot_eager)."""
+    layer = MixedPrecisionLinear.random(96, 40, 2, 32, 3, bias=True, seed=4)
+    p = prepare(layer, torch.float32)
+    sw = layer.salient_weight.float().contiguous()
+
+    def f(x):
+        return torch.ops.gift_quant.mixed_linear(x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw,
+                                                 layer.salient_idx, layer.bias.float(), 2, 96, 40, 8,
+                                                 p.chunk_uniform) * 2
+
+    g = torch.compile(f, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, 96)
+    torch.testing.assert_close(g(x), f(x))
+    assert g(x).shape == (3, 5, 40)
