@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="also sweep the salient ratio at the lowest bits")
+    ap.add_argument("--ab-true-sequential", action="store_true",
+                    help="only GPTQ + FP16 cols, with true-sequential staging off and on (own BENCHMARKS section)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", default=None, help="also dump raw rows to this file")
     a = ap.parse_args()
@@ -65,6 +67,10 @@ def main():
     print(f"FP ppl {fp:.3f} ({time.time() - t:.0f}s)", flush=True)
     configs = []
     for b in bits_list:
+        if a.ab_true_sequential:
+            configs += [("GPTQ + FP16 cols", dict(bits=b, true_sequential=False)),
+                        ("GPTQ + FP16 cols, true-sequential", dict(bits=b, true_sequential=True))]
+            continue
         configs += [("RTN + FP16 cols", dict(bits=b, method="rtn")),
                     ("GPTQ (k=0)", dict(bits=b, n_salient=0)),
                     ("GPTQ + FP16 cols", dict(bits=b))]
@@ -84,9 +90,11 @@ def main():
         del m
     date = datetime.date.today().isoformat()
     cpu = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    lines = [f"### Quality: held-out perplexity, bundled SmolLM2-135M-Instruct ({date}, {cpu})", "",
+    title = "True-sequential staging A/B" if a.ab_true_sequential else "Quality"
+    lines = [f"### {title}: held-out perplexity, bundled SmolLM2-135M-Instruct ({date}, {cpu})", "",
              f"Command: `python tools/bench_quality.py --bits {a.bits} --calib-samples {a.calib_samples} "
-             f"--eval-windows {a.eval_windows}{' --sweep' if a.sweep else ''}`", "",
+             f"--eval-windows {a.eval_windows}{' --sweep' if a.sweep else ''}"
+             f"{' --ab-true-sequential' if a.ab_true_sequential else ''}`", "",
              f"Calibration: bundled text, {a.calib_samples} x {a.seq_len} tokens, seed 0. Evaluation: `idle` "
              f"(IDLE manual + NEWS, never used for calibration or training), {ev.shape[0]} x 512 tokens. "
              "Group size 128, asym, act-order, MSE clip. k = FP16 columns per Linear (default: "
@@ -104,7 +112,7 @@ def main():
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     if not a.no_write:
-        write_section("bench_quality", body)
+        write_section("bench_true_sequential" if a.ab_true_sequential else "bench_quality", body)
 
 
 if __name__ == "__main__":
