@@ -317,6 +317,7 @@ def _quantize_one(n, lin, st, full, config, metric, salient, device, storage_dty
     _account(report, mpl)
 
 
+@torch.no_grad()
 def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None, batch_size: int = 8,
                    progress: bool = True, storage_dtype=torch.float16,
                    salient: dict[str, torch.Tensor] | None = None, state_dir=None,
