@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gift_quant.kernels import build, cuda_args  # noqa: E402
+from gift_quant.kernels import build, cuda_args, ops  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
 
 
@@ -84,11 +84,7 @@ def time_calls(fns, device, replays: int = 15) -> float:
 
 
 def op_call(layer, p, x, gemv_max_tokens):
-    sw = layer.salient_weight.detach().to(x.dtype).contiguous()
-    b = None if layer.bias is None else layer.bias.to(x.dtype)
-    args = (p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw, layer.salient_idx, b, layer.bits,
-            layer.in_features, layer.out_features, gemv_max_tokens, p.chunk_uniform)
-    return lambda: torch.ops.gift_quant.mixed_linear(x, *args)
+    return lambda: ops.run_op(x, layer, p, gemv_max_tokens)
 
 
 def layer_bytes(layer, p, batch: int, gemv: bool, dtype_size: int = 2) -> int:

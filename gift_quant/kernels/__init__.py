@@ -74,13 +74,7 @@ def mixed_linear(x: torch.Tensor, layer) -> torch.Tensor:
             and not (x.requires_grad and torch.is_grad_enabled())):
         p = cuda_args(layer, x.dtype)
         if p is not None:
-            from .ops import GEMV_MAX_TOKENS
-            sw = layer.salient_weight
-            sw = sw if sw.dtype == x.dtype else sw.to(x.dtype)
-            bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
-            return torch.ops.gift_quant.mixed_linear(
-                x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw.contiguous(), layer.salient_idx,
-                bias, layer.bits, layer.in_features, layer.out_features, GEMV_MAX_TOKENS, p.chunk_uniform)
+            return ops.run_op(x, layer, p)
     return mixed_linear_reference(x, layer)
 
 

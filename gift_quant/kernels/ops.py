@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import build
-from .prepare import PreparedLinear, prepared_forward
+from .prepare import PreparedLinear, prepare, prepared_forward
 
 GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "8"))
 
@@ -48,15 +48,8 @@ def _(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, 
 _checked: dict = {}
 
 
-def _random_case(bits: int, dtype, device, K: int, N: int, k: int, group_size: int, act_order: bool,
-                 bias: bool, seed: int):
-    from ..nn.mixed_linear import MixedPrecisionLinear
-    layer = MixedPrecisionLinear.random(K, N, bits, group_size, k, bias=bias, act_order=act_order,
-                                        dtype=torch.float16, seed=seed).to(device)
-    return layer
-
-
 def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_TOKENS) -> Tensor:
+    """The op on a layer's prepared layout; FP16 columns and bias in the activation dtype."""
     sw = layer.salient_weight.detach().to(x.dtype).contiguous()
     b = None if layer.bias is None else layer.bias.to(x.dtype).contiguous()
     return torch.ops.gift_quant.mixed_linear(x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw,
@@ -70,12 +63,12 @@ def self_check(bits: int, dtype: torch.dtype, device: torch.device) -> bool:
     key = (bits, dtype, str(device))
     if key in _checked:
         return _checked[key]
+    from ..nn.mixed_linear import MixedPrecisionLinear
     ok, worst = True, 0.0
     with torch.no_grad():
         for act_order, m in ((False, 1), (True, 2), (True, 3), (False, 8), (False, 20)):  # MT 1, 2, 4, 8; mm
-            layer = _random_case(bits, dtype, device, K=200, N=132, k=7, group_size=64, act_order=act_order,
-                                 bias=True, seed=1234 + m)
-            from .prepare import prepare
+            layer = MixedPrecisionLinear.random(200, 132, bits, 64, 7, bias=True, act_order=act_order,
+                                                seed=1234 + m).to(device)
             p = prepare(layer, dtype)
             x = torch.randn(m, 200, device=device, dtype=torch.float32).to(dtype)
             ref = layer.dequantize(torch.float64) @ x.double().t()
