@@ -6,6 +6,7 @@ it, and it is removed once the checkpoint is complete. The output folder itself 
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -64,7 +65,6 @@ def compress_with_recipe(a) -> int:
     from .export import atomic_output_dir, check_output, partial_dir, safetensors_mib
     from .model_io import load_model
     from .recipes import load_recipe, run_recipe
-
     from .train import dist_rank
 
     r = load_recipe(a.recipe, overrides(a), a.device)  # --salient alone: exactly that many columns (no ratio cap)
@@ -72,7 +72,7 @@ def compress_with_recipe(a) -> int:
     main = rank == 0
     # multi-process (accelerate launch / torchrun): rank 0 alone checks, owns and renames the output
     if main:
-        partial = check_output(a.output, a.overwrite, a.resume)
+        check_output(a.output, a.overwrite, a.resume)
     _barrier(world)
     partial = partial_dir(a.output)
     t0 = time.time()
@@ -81,13 +81,9 @@ def compress_with_recipe(a) -> int:
     log(f"gift-quant: recipe {r.recipe} ({a.recipe}), {r.bits}-bit; loading {name}")
     model, tok = load_model(a.model, trust_remote_code=a.trust_remote_code)
     ev = None if a.no_eval else eval_windows(load_texts(a.eval_dataset), tok, 512, a.eval_windows)
-    if main:
-        with atomic_output_dir(a.output, a.overwrite) as tmp:
-            s = run_recipe(r, model, tok, out_dir=tmp, work_dir=partial, resume=a.resume, progress=not a.quiet,
-                           device=a.device, eval_windows=ev, model_name=name, log=log)
-    else:
-        run_recipe(r, model, tok, out_dir=None, work_dir=partial, resume=a.resume, progress=False,
-                   device=a.device, eval_windows=ev, model_name=name, log=log)
+    with atomic_output_dir(a.output, a.overwrite) if main else contextlib.nullcontext() as tmp:
+        s = run_recipe(r, model, tok, out_dir=tmp, work_dir=partial, resume=a.resume,
+                       progress=main and not a.quiet, device=a.device, eval_windows=ev, model_name=name, log=log)
     _barrier(world)  # every rank is done with OUTPUT.partial before it goes
     if not main:
         return 0
