@@ -229,21 +229,14 @@ def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_di
 
 def test_recipe_yaml_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("recipe: post\nstepz: 3\n")
-    with pytest.raises(GiftError, match="stepz"):
-        load_recipe(str(bad))
-    bad.write_text("recipe: post\nsteps: many\n")
-    with pytest.raises(GiftError, match="'steps' must be int"):
-        load_recipe(str(bad))
-    bad.write_text("recipe: post\ngpu: {lr: fast}\n")
-    with pytest.raises(GiftError, match="'lr'"):
-        load_recipe(str(bad))
-    bad.write_text("- a\n- b\n")
-    with pytest.raises(GiftError, match="mapping"):
-        load_recipe(str(bad))
-    bad.write_text("recipe: post\nnoise: pink\n")
-    with pytest.raises(GiftError, match="noise"):
-        load_recipe(str(bad))
+    for text, match in [("recipe: post\nstepz: 3\n", "stepz"),
+                        ("recipe: post\nsteps: many\n", "'steps' must be int"),
+                        ("recipe: post\ngpu: {lr: fast}\n", "'lr'"),
+                        ("- a\n- b\n", "mapping"),
+                        ("recipe: post\nnoise: pink\n", "noise")]:
+        bad.write_text(text)
+        with pytest.raises(GiftError, match=match):
+            load_recipe(str(bad))
     with pytest.raises(GiftError, match="unknown recipe"):
         load_recipe("nosuch")
     with pytest.raises(GiftError, match="not found"):
