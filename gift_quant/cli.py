@@ -178,7 +178,8 @@ def cmd_compress(a) -> int:
                    "metric": cfg.metric, "salient_columns_total": sum(m.k for m in report.modules),
                    "bits_per_weight": round(report.bits_per_weight, 4),
                    "compress_seconds": round(report.seconds, 1),
-                   "calibration": f"{a.dataset or 'bundled'}: {cfg.calib_samples} x {cfg.seq_len} tokens"}
+                   "calibration": f"{a.dataset or 'bundled'}: {cfg.calib_samples} x {cfg.seq_len} tokens",
+                   **report.coverage_summary()}
         round_to_storage(model)  # what is evaluated is exactly what the checkpoint stores
         if ev is not None:
             summary[f"perplexity ({a.eval_dataset}, {ev.shape[0]}x512)"] = round(
@@ -188,6 +189,7 @@ def cmd_compress(a) -> int:
     print(f"compressed in {time.time() - t0:.0f}s: {cfg.bits}-bit {cfg.method}, "
           f"{report.bits_per_weight:.3f} bits/weight in decoder Linears, {safetensors_mib(a.output):.1f} MiB on disk "
           f"-> {a.output}")
+    print(f"decoder parameters left in float: {report.coverage.float_share:.2%}")
     for k, v in summary.items():
         if k.startswith("perplexity"):
             print(f"{k}: {v}")

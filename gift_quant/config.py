@@ -21,6 +21,10 @@ METHODS = ("gptq", "rtn")
 # the paper's k = 128 on LLaMA-7B (in = 4096) is 1/32 of the columns: the same share caps k on small models
 DEFAULT_N_SALIENT = 128
 DEFAULT_SALIENT_RATIO = 1 / 32
+# Qwen2-MoE's shared_expert_gate is an nn.Linear router (1 output): routers stay float
+DEFAULT_NOT_CONVERTED = ("lm_head", "shared_expert_gate")
+# an MoE expert with fewer routed calibration tokens uses its layer's pooled statistics (compress/experts.py)
+DEFAULT_EXPERT_MIN_TOKENS = 128
 
 
 def _norm_str(v: float) -> str:
@@ -40,6 +44,7 @@ class GiftConfig(QuantizationConfigMixin):
                  block_size: int = 128, mse_clip: bool = True, true_sequential: bool = False, recipe: str = "none",
                  modules_not_converted: list[str] | None = None, dataset: Any = None,
                  calib_samples: int = 64, seq_len: int = 512, seed: int = 0,
+                 expert_min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS,
                  salient_counts: dict[str, int] | None = None, format: str = FORMAT,
                  quant_method: str = QUANT_METHOD, **kwargs):
         self.quant_method = QUANT_METHOD
@@ -64,11 +69,13 @@ class GiftConfig(QuantizationConfigMixin):
         # (BENCHMARKS.md, true-sequential A/B and the GPTQModel head-to-head).
         self.true_sequential = true_sequential
         self.recipe = recipe
-        self.modules_not_converted = list(modules_not_converted) if modules_not_converted is not None else ["lm_head"]
+        self.modules_not_converted = (list(modules_not_converted) if modules_not_converted is not None
+                                      else list(DEFAULT_NOT_CONVERTED))
         self.dataset = dataset
         self.calib_samples = calib_samples
         self.seq_len = seq_len
         self.seed = seed
+        self.expert_min_tokens = expert_min_tokens
         # filled in by compression: the k actually used per module name (loading builds shapes from it)
         self.salient_counts = dict(salient_counts) if salient_counts else {}
         self.format = format
@@ -114,6 +121,9 @@ class GiftConfig(QuantizationConfigMixin):
             bad("damp_percent", f"must be in (0, 1), got {self.damp_percent!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             bad("block_size", f"must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.expert_min_tokens, int) or isinstance(self.expert_min_tokens, bool) \
+                or self.expert_min_tokens < 0:
+            bad("expert_min_tokens", f"must be a non-negative int, got {self.expert_min_tokens!r}")
         for f in ("calib_samples", "seq_len"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -137,6 +147,10 @@ class GiftConfig(QuantizationConfigMixin):
             raise GiftError(f"salient count {k} is larger than the layer's {in_features} input columns"
                             + (f" ({name})" if name else ""))
         return k
+
+    def explicit_exclusions(self) -> list[str]:
+        """The entries of ``modules_not_converted`` the user added to the defaults."""
+        return [m for m in self.modules_not_converted if m not in DEFAULT_NOT_CONVERTED]
 
     def resolved_metric(self):
         from .saliency import resolve_metric

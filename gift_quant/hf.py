@@ -54,6 +54,8 @@ def _checkpoint_shapes(files) -> dict[str, tuple]:
 
 def replace_linears(model: nn.Module, config: GiftConfig, dtype=torch.float16) -> list[str]:
     """Swap every Linear outside ``modules_not_converted`` for an empty MixedPrecisionLinear (in place)."""
+    from .nn.experts import split_fused_experts  # MoE hook: fused experts -> one Linear per expert first
+    split_fused_experts(model, lambda n: _skip(n, config.modules_not_converted))
     names = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or _skip(name, config.modules_not_converted):

@@ -41,10 +41,23 @@ class CompressReport:
     seconds: float = 0.0
     quantized_bits: int = 0      # bits of every tensor that replaced a Linear
     original_params: int = 0     # weights of the Linears that were replaced
+    coverage: object = None      # compress.experts.Coverage: share of decoder parameters left in float
+    expert_fallbacks: dict = field(default_factory=dict)  # expert module -> tokens it got (pooled stats used)
 
     @property
     def bits_per_weight(self) -> float:
         return self.quantized_bits / max(self.original_params, 1)
+
+    def coverage_summary(self) -> dict:
+        """Rows for gift_report.json and the model card: what stayed float, which experts fell back."""
+        d = {}
+        if self.coverage is not None:
+            d["decoder_params_left_in_float"] = f"{self.coverage.float_share:.2%}"
+        n_exp = sum(1 for m in self.modules if ".experts." in m.name)
+        if n_exp:
+            d["expert_projections_quantized"] = n_exp
+            d["expert_projections_with_pooled_stats"] = len(self.expert_fallbacks)
+        return d
 
 
 class _Stop(Exception):
@@ -334,6 +347,11 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
     layers, prefix = decoder_layers(model)
     metric = config.resolved_metric()
     report = CompressReport()
+    # MoE hook (gift_quant.compress.experts): fused experts -> one Linear per expert; warn when most stays float
+    from .compress import experts as moe
+    moe.split_experts(layers, config.modules_not_converted)
+    moe.warn_if_mostly_float(moe.coverage(layers, prefix, config.modules_not_converted,
+                                          config.explicit_exclusions()))
     model_device = next(model.parameters()).device
     batches = capture_inputs(model, samples, batch_size, model_device)
     act_dev = activation_device(samples, getattr(model.config, "hidden_size", 4096), device)
@@ -358,9 +376,13 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             groups = stages(layer, lins, batches[0])
         else:
             groups = [list(lins)]
+        layer_stats = {}
         for group in groups:
             stats = _collect_stats(layer, {n: lins[n] for n in group}, batches, device,
                                    stop_early=config.true_sequential)
+            layer_stats.update(stats)
+            for n, tokens in moe.fill_expert_stats(stats, group, config.expert_min_tokens, layer_stats).items():
+                report.expert_fallbacks[f"{prefix}.{li}.{n}"] = tokens  # MoE hook: pooled-statistics fallback
             for n in group:
                 _quantize_one(n, lins[n], stats[n], f"{prefix}.{li}.{n}", config, metric, salient, device,
                               storage_dtype, packed, counts, report)
@@ -377,5 +399,8 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
         _debug_kill_after(li)
     config.salient_counts = counts
     model.config.quantization_config = config
+    report.coverage = moe.coverage(layers, prefix, config.modules_not_converted, config.explicit_exclusions())
+    if moe.experts_modules(model):
+        moe.keep_module_names(model)
     report.seconds = time.time() - t0
     return report

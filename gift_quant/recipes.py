@@ -334,6 +334,8 @@ def select_fp(model, samples, cfg, batch_size: int = 4) -> dict[str, torch.Tenso
     from .pipeline import decoder_layers, linears
     from .saliency import ActivationStats, select_salient, sensitivity
     layers, prefix = decoder_layers(model)
+    from .compress.experts import split_experts
+    split_experts(layers, cfg.modules_not_converted)  # MoE hook: experts train and quantize per expert
     metric = cfg.resolved_metric()
     stats, handles, lins = {}, [], {}
     for li, layer in enumerate(layers):
@@ -400,6 +402,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     if r.recipe in ("none", "post", "lora", "ste"):
         cfg, compress_report, bpw = compress_stage(r, model, tokenizer, samples, work_dir, resume, device, progress)
         summary["bits_per_weight"] = round(bpw, 4) if bpw else None
+        summary.update(compress_report.coverage_summary() if compress_report is not None else {})
         summary["compress_seconds"] = round(time.time() - t0, 1)
         round_to_storage(model)  # train and evaluate exactly what the checkpoint stores
         if eval_before_training and eval_windows is not None and r.recipe != "none":
@@ -436,6 +439,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
                                                  salient=salient)
         round_to_storage(model)
         summary["bits_per_weight"] = round(compress_report.bits_per_weight, 4)
+        summary.update(compress_report.coverage_summary())
         summary["compress_seconds"] = round(time.time() - t1, 1)
     elif r.recipe in ("ste", "lora"):
         from . import baselines

@@ -1,0 +1,1 @@
+"""Compression: calibration statistics, salient selection and GPTQ over a model's modules."""
