@@ -31,6 +31,7 @@ packing ORed -1 into the word) and imports with the same error AutoGPTQ itself s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -351,6 +352,10 @@ def export_gptq(src, dst, overwrite: bool = False) -> dict:
     bits, gs = g["bits"], g["group_size"]
     tensors = _load_all(src)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    moe = [n for n in names if re.search(r"\.experts\.(gate_up_proj|down_proj)\.\d+$", n)]
+    if moe:  # MoE hook: GPTQ loaders expect experts.<e>.gate_proj/up_proj/down_proj, not fused gate_up
+        raise GiftError(f"GPTQ export: mixture-of-experts checkpoints are not supported yet ({len(moe)} expert "
+                        f"projections such as {moe[0]}); load the gift checkpoint itself")
     out, side, k_total = {}, {}, 0
     for k, v in tensors.items():
         if not any(k.startswith(n + ".") for n in names):

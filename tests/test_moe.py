@@ -338,3 +338,13 @@ def test_recipe_on_moe_end_to_end_and_reload(method, tmp_path):
     ids = torch.randint(0, 90, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_export_refuses_moe(tmp_path):
+    from gift_quant.gptq_interop import export_gptq
+    m = tiny_moe("mixtral")
+    report = quantize_(m, _cfg(), dataset=_calib(n=4), progress=False)
+    save_checkpoint(m, None, tmp_path / "ck", report)
+    with pytest.raises(GiftError, match="mixture-of-experts checkpoints are not supported"):
+        export_gptq(tmp_path / "ck", tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()
