@@ -348,3 +348,18 @@ def test_gptq_export_refuses_moe(tmp_path):
     with pytest.raises(GiftError, match="mixture-of-experts checkpoints are not supported"):
         export_gptq(tmp_path / "ck", tmp_path / "gptq")
     assert not (tmp_path / "gptq").exists()
+
+
+def test_quantize_on_load_moe_round_trip(moe_dir, tmp_path):
+    arch, d = moe_dir
+    cfg = GiftConfig(bits=4, group_size=32, n_salient=4, salient_ratio=None, dataset=[torch.arange(64) % 128] * 8,
+                     calib_samples=8, seq_len=64)
+    m = AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg)
+    assert len(_experts(m)) == MOE_LAYERS[arch]
+    x = torch.randint(2, 90, (1, 12))
+    with torch.no_grad():
+        ref = m(x).logits
+    m.save_pretrained(tmp_path / "q")
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert _rel(m2(x).logits, ref) < 1e-3  # float parts were stored in the loading dtype

@@ -112,8 +112,7 @@ def coverage(layers: nn.ModuleList, prefix: str, exclude, explicit=()) -> Covera
                 cov.decoder_params += m.in_features * m.out_features
                 converted.update(id(p) for p in m.parameters(recurse=False))
                 converted.update(id(b) for b in m.buffers(recurse=False))
-            elif (isinstance(m, nn.Linear) and not is_excluded(n, exclude)) or \
-                    (is_fused_experts(m) and not is_excluded(n, exclude)):
+            elif (isinstance(m, nn.Linear) or is_fused_experts(m)) and not is_excluded(n, exclude):
                 for p in m.parameters(recurse=False):
                     if p.dim() >= 2:  # the weight; a bias stays float
                         cov.decoder_params += p.numel()
