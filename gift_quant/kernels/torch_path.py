@@ -27,7 +27,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     w = packed.view(chunks, bits, m)
     if bits != 3:
         # arithmetic shift, then mask: the sign bits never reach the kept bits
-        return ((w.unsqueeze(2) >> _shifts(bits, packed.device)) & mask).view(chunks * 32, m)[:n]
+        return ((w.unsqueeze(2) >> _shifts(bits, packed.device)) & mask).reshape(chunks * 32, m)[:n]
     parts = []
     for j in range(32):
         wi, s = divmod(3 * j, 32)

@@ -25,7 +25,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if INTERPRET and type(tl.zeros).__name__ != "InterpretedFunction":
     raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it before (for example in "
                        "the environment of the process)")
-MAGIC = 0x4B000000  # float32 bits of 2**23: (code | MAGIC) as float == 2**23 + code, exactly
 
 
 @triton.jit
@@ -73,7 +72,7 @@ def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
             wl = tl.load(qw_ptr + (ch[:, None] * BITS + p) * Np + offs_n[None, :], mask=mask2, other=0)
             for j in tl.static_range(PPW):
                 code = _codes(BITS, p, j, wl, wh)
-                f = (code | MAGIC).to(tl.float32, bitcast=True) - zf
+                f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf  # 2**23 + code, exact
                 rows = ch * 32 + (p * PPW + j)
                 if IDENTITY:
                     src = rows
