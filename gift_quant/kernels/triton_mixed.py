@@ -1,7 +1,7 @@
 """Triton kernels for the mixed-precision linear (layout: :mod:`gift_quant.kernels.layout`).
 
-- ``gemv``: decode, 1-16 tokens. One program per ``BN`` output columns walks all of K (no split-K, no
-  atomics): for each tile of ``W`` chunks it loads each word plane once as a [W, BN] tile (16-byte loads
+- ``gemv``: decode. One program per token and ``BN`` output columns walks all of K (no split-K, no
+  atomics; more tokens re-read the packed tile from L2): for each tile of ``W`` chunks it loads each word plane once as a [W, BN] tile (16-byte loads
   along N), extracts codes with shift/mask, turns them into floats with the 2^23 mantissa trick (OR +
   FSUB instead of a slow int-to-float), subtracts the chunk's zero-point and FMAs with x in fp32;
   the chunk's scale is applied once per 32 codes. The FP16 columns are more rows of the same walk.
@@ -45,17 +45,19 @@ def _codes(BITS: tl.constexpr, P: tl.constexpr, J: tl.constexpr, wl, wh):
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
                  M, K, N, Np, C, KS, stride_xm, stride_ym,
-                 BITS: tl.constexpr, BM: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+                 BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
                  IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One token (program_id 1) x BN columns (program_id 0), the whole K walk; 2-D tiles only, so x is
+    loaded straight into the row layout of the weight tile."""
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     NPL: tl.constexpr = 2 if BITS == 3 else BITS
     pid = tl.program_id(0)
+    m = tl.program_id(1)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < Np
-    offs_m = tl.arange(0, BM)
-    mmask = offs_m < M
     offs_w = tl.arange(0, W)
-    acc = tl.zeros((BM, W, BN), dtype=tl.float32)
+    xrow = x_ptr + m * stride_xm
+    acc = tl.zeros((W, BN), dtype=tl.float32)
     for c0 in range(0, C, W):
         ch = c0 + offs_w
         cmask = ch < C
@@ -63,7 +65,7 @@ def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
         g = tl.load(gch_ptr + ch, mask=cmask, other=0)
         sc = tl.load(s_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
         zf = tl.load(z_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0).to(tl.float32) + 8388608.0
-        part = tl.zeros((BM, W, BN), dtype=tl.float32)
+        part = tl.zeros((W, BN), dtype=tl.float32)
         if BITS == 3:
             wh = tl.load(qw_ptr + (ch[:, None] * 3 + 2) * Np + offs_n[None, :], mask=mask2, other=0)
         else:
@@ -72,29 +74,25 @@ def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
             wl = tl.load(qw_ptr + (ch[:, None] * BITS + p) * Np + offs_n[None, :], mask=mask2, other=0)
             for j in tl.static_range(PPW):
                 code = _codes(BITS, p, j, wl, wh)
-                f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf  # 2**23 + code, exact
+                f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf  # 2**23 + code - (2**23 + z), exact
                 rows = ch * 32 + (p * PPW + j)
                 if IDENTITY:
-                    src = rows
-                    xm = cmask & (rows < K)
+                    xv = tl.load(xrow + rows, mask=cmask & (rows < K), other=0.0)
                 else:
                     src = tl.load(perm_ptr + rows, mask=cmask, other=-1)
-                    xm = src >= 0
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
-                             mask=mmask[:, None] & xm[None, :], other=0.0).to(tl.float32)
-                part += f[None, :, :] * xv[:, :, None]
-        acc += part * sc[None, :, :]
+                    xv = tl.load(xrow + src, mask=src >= 0, other=0.0)
+                part += f * xv.to(tl.float32)[:, None]
+        acc += part * sc
     for k0 in range(0, KS, W):  # FP16 columns: KS is a multiple of 32, W divides 32
         offs_k = k0 + offs_w
         si = tl.load(si_ptr + offs_k)
         sw = tl.load(sw_ptr + offs_k[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
-        xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + si[None, :], mask=mmask[:, None], other=0.0)
-        acc += sw.to(tl.float32)[None, :, :] * xs.to(tl.float32)[:, :, None]
-    y = tl.sum(acc, axis=1)
+        xs = tl.load(xrow + si)
+        acc += sw.to(tl.float32) * xs.to(tl.float32)[:, None]
+    y = tl.sum(acc, axis=0)
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & (offs_n < N)[None, :])
+        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -165,13 +163,10 @@ def _next_pow2(n: int) -> int:
 
 
 def gemv_config(M: int, N: int, C: int) -> dict:
-    """(BM, W, BN, warps) for the decode kernel. W chunks x BN columns per tile; fewer chunks per tile
-    as tokens grow so the [BM, W, BN] accumulator stays in registers."""
-    BM = _next_pow2(M)
-    W = {1: 32, 2: 16, 4: 8}.get(BM, 4)
-    W = min(W, max(4, _next_pow2(C)))
+    """(W, BN, warps) for the decode kernel: W chunks (32*W rows) x BN columns per tile."""
+    W = min(32, max(4, _next_pow2(C)))
     BN = min(64, max(16, _next_pow2(N))) if INTERPRET else 16  # the interpreter pays per program, not per lane
-    return dict(BM=BM, W=W, BN=BN, num_warps=4)
+    return dict(W=W, BN=BN, num_warps=4)
 
 
 def gemm_config(M: int, N: int) -> dict:
@@ -202,13 +197,9 @@ def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv") -> torc
     args = (x2d, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, y,
             M, K, N, Np, L.chunks, L.sal_w.shape[0], x2d.stride(0), y.stride(0))
     if path == "gemv":
-        if M > 16:
-            for i in range(0, M, 16):
-                y[i:i + 16] = mixed_linear(x2d[i:i + 16], L, "gemv")
-            return y
         cfg = gemv_config(M, N, L.chunks)
-        grid = (triton.cdiv(Np, cfg["BN"]),)
-        _gemv_kernel[grid](*args, BITS=L.bits, BM=cfg["BM"], W=cfg["W"], BN=cfg["BN"],
+        grid = (triton.cdiv(Np, cfg["BN"]), M)
+        _gemv_kernel[grid](*args, BITS=L.bits, W=cfg["W"], BN=cfg["BN"],
                            IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None, num_warps=cfg["num_warps"])
     elif path == "gemm":
         cfg = gemm_config(M, N)
