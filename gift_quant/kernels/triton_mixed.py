@@ -42,7 +42,7 @@ def _codes(BITS: tl.constexpr, P: tl.constexpr, J: tl.constexpr, wl, wh):
         return (wl >> (BITS * J)) & ((1 << BITS) - 1)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "K", "N", "C", "KS", "stride_xm", "stride_ym"])
 def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
                  M, K, N, Np, C, KS, stride_xm, stride_ym,
                  BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
@@ -95,7 +95,7 @@ def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
     tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "K", "N", "C", "KS", "stride_xm", "stride_ym"])
 def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
                  M, K, N, Np, C, KS, stride_xm, stride_ym,
                  BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
@@ -164,7 +164,7 @@ def _next_pow2(n: int) -> int:
 
 def gemv_config(M: int, N: int, C: int) -> dict:
     """(W, BN, warps) for the decode kernel: W chunks (32*W rows) x BN columns per tile."""
-    W = min(32, max(4, _next_pow2(C)))
+    W = min(32, max(4, _next_pow2(C))) if INTERPRET else 32 if C >= 64 else 8  # each variant is a compile
     BN = min(64, max(16, _next_pow2(N))) if INTERPRET else 16  # the interpreter pays per program, not per lane
     return dict(W=W, BN=BN, num_warps=4)
 

@@ -1,5 +1,5 @@
 """The C++ kernel's layer (opt-in backend ``cuda``): load-time layout, custom op, build, and (on CUDA)
-the fused kernels against a float64 reference. The Triton kernels: tests/test_triton_kernels.py."""
+the fused kernels against a float64 reference. The Triton kernels: tests/kernels/test_triton.py."""
 import itertools
 import os
 import subprocess
