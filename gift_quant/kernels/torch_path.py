@@ -5,43 +5,47 @@ backend and for training (autograd reaches the FP16 columns through x, never a d
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-_SHIFTS: dict = {}
-
-
-def _shifts(bits: int, device) -> torch.Tensor:
-    key = (bits, str(device))
-    t = _SHIFTS.get(key)
-    if t is None:
-        t = torch.arange(0, 32, bits, dtype=torch.int32, device=device).view(1, 1, -1, 1)
-        _SHIFTS[key] = t
-    return t
+if sys.byteorder != "little":  # the uint8 view below reads int32 words as little-endian bytes
+    raise ImportError("gift_quant.kernels.torch_path assumes a little-endian machine")
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """GPTQ packing int32 [ceil(n/32)*bits, m] -> int32 codes [n, m] (values < 2**bits)."""
+    """GPTQ packing int32 [ceil(n/32)*bits, m] -> uint8 codes [n, m].
+
+    2/4/8 bits: the words are read as little-endian bytes and split into nibbles/crumbs in uint8 (a
+    quarter of int32 traffic); 3 bits (codes span words): int32 shifts, one slice per code position.
+    """
     rows, m = packed.shape
     chunks = rows // bits
-    mask = (1 << bits) - 1
-    w = packed.view(chunks, bits, m)
-    if bits != 3:
-        # arithmetic shift, then mask: the sign bits never reach the kept bits
-        return ((w.unsqueeze(2) >> _shifts(bits, packed.device)) & mask).reshape(chunks * 32, m)[:n]
-    parts = []
-    for j in range(32):
-        wi, s = divmod(3 * j, 32)
-        v = w[:, wi] >> s
-        if s + 3 > 32:  # spans two words: drop the sign bits of the arithmetic shift before the OR
-            v = (v & ((1 << (32 - s)) - 1)) | (w[:, wi + 1] << (32 - s))
-        parts.append(v & mask)
-    return torch.stack(parts, 1).view(chunks * 32, m)[:n]
+    if bits == 3:
+        w = packed.view(chunks, 3, m)
+        parts = []
+        for j in range(32):
+            wi, s = divmod(3 * j, 32)
+            v = w[:, wi] >> s
+            if s + 3 > 32:  # spans two words: drop the sign bits of the arithmetic shift before the OR
+                v = (v & ((1 << (32 - s)) - 1)) | (w[:, wi + 1] << (32 - s))
+            parts.append((v & 7).to(torch.uint8))
+        return torch.stack(parts, 1).view(chunks * 32, m)[:n]
+    # byte b of word p holds codes p*(32/bits) + b*(8/bits) + i at bit i*bits of the byte
+    by = packed.contiguous().view(torch.uint8).view(chunks, bits, m, 4)
+    per = 8 // bits
+    if per == 1:
+        codes = by.unsqueeze(-1)
+    else:
+        sh = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (by.unsqueeze(-1) >> sh) & ((1 << bits) - 1)                   # [chunks, bits, m, 4, per]
+    return codes.permute(0, 1, 3, 4, 2).reshape(chunks * 32, m)[:n]
 
 
 def dequantize_t(qweight, qzeros, scales, g_idx, bits: int, in_features: int, out_features: int,
                  dtype: torch.dtype) -> torch.Tensor:
     """The low-bit base transposed, [in, out] in ``dtype``; salient slots hold the zero-point (so 0)."""
-    codes = unpack_codes(qweight, bits, in_features)                                  # [K, N] int32
+    codes = unpack_codes(qweight, bits, in_features)                                  # [K, N] uint8
     zeros = unpack_codes(qzeros.t().contiguous(), bits, out_features).t()                          # [G, N] int32
     g = g_idx.long()
     z = zeros.to(dtype)[g]

@@ -44,14 +44,30 @@ def requested_backend() -> str:
 
 # --------------------------------------------------------------------------------------- torch path
 
+def torch_cache_enabled() -> bool:
+    """``GIFT_QUANT_TORCH_CACHE=1``: the PyTorch path keeps each layer's dequantized base (dense memory,
+    dense speed); off by default, so a compressed model stays compressed in memory."""
+    return os.environ.get("GIFT_QUANT_TORCH_CACHE", "0").strip() not in ("", "0", "false", "no")
+
+
+def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
+    """[in, out] base in ``dtype`` with the salient rows zeroed (foreign checkpoints may hold codes there)."""
+    wt = torch_path.dequantize_t(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                 layer.in_features, layer.out_features, dtype)
+    if layer.salient_idx.numel():
+        wt.index_fill_(0, layer.salient_idx.long(), 0)
+    return wt
+
+
 def torch_forward(x: torch.Tensor, layer) -> torch.Tensor:
     """The PyTorch path (any device, autograd to ``salient_weight`` and x, never a dense weight grad)."""
-    w = torch_path.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                              layer.group_size, layer.in_features, layer.out_features, x.dtype)
-    if layer.salient_idx.numel():  # foreign checkpoints may hold codes there: never count a column twice
-        w = w.index_fill(1, layer.salient_idx.long(), 0)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    y = F.linear(x, w, bias)
+    if torch_cache_enabled():
+        wt = prepared(layer, "torch", x.dtype)
+    else:
+        wt = _dequantized_base(layer, x.dtype)
+    y = x @ wt
+    if layer.bias is not None:
+        y = y + layer.bias.to(x.dtype)
     if layer.salient_idx.numel():
         y = y + F.linear(x[..., layer.salient_idx.long()], layer.salient_weight.to(x.dtype))
     return y
@@ -60,8 +76,9 @@ def torch_forward(x: torch.Tensor, layer) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ layout cache
 
 def _key(layer, backend: str, dtype: torch.dtype):
-    ts = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx, layer.salient_weight,
-          layer.bias)
+    ts = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx)
+    if backend != "torch":  # the kernels' layouts also hold the FP16 columns and the bias
+        ts += (layer.salient_weight, layer.bias)
     # identity and data_ptr catch buffers replaced by assignment; _version catches in-place writes
     return (backend, dtype, str(layer.qweight.device),
             tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in ts))
@@ -76,6 +93,8 @@ def _cache(layer) -> dict:
 
 
 def _build(layer, backend: str, dtype: torch.dtype):
+    if backend == "torch":
+        return _dequantized_base(layer, dtype)
     if backend == "triton":
         from ..kernels.layout import build_layout
         return build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,

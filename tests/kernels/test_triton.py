@@ -116,7 +116,7 @@ def test_chunk_packing_and_int32_unpack_roundtrip(bits):
     c = torch.randint(0, 2 ** bits, (96, 7), dtype=torch.int32)
     assert torch.equal(lay.unpack_chunks(lay.pack_chunks(c, bits), bits).to(torch.int32), c)
     c = torch.randint(0, 2 ** bits, (100, 9), dtype=torch.int32)
-    assert torch.equal(torch_path.unpack_codes(pack(c, bits), bits, 100), unpack(pack(c, bits), bits, 100))
+    assert torch.equal(torch_path.unpack_codes(pack(c, bits), bits, 100).to(torch.int32), unpack(pack(c, bits), bits, 100))
 
 
 def test_torch_path_matches_float64_and_trains_only_the_fp16_columns(monkeypatch):
