@@ -138,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--l2-factor", type=float, default=3.0, help="weight copies cover this many L2 sizes")
+    ap.add_argument("--sweep", default="W=32,BN=16,num_warps=4;W=64,BN=16,num_warps=4;W=32,BN=16,num_warps=8;"
+                    "W=32,BN=32,num_warps=4;W=16,BN=16,num_warps=2",
+                    help="Triton GEMV tile configs timed at batch 1 ('' to skip): ;-separated key=value lists")
     ap.add_argument("--out", default="bench_out/kernel", help="folder for kernel.json/kernel.md")
     ap.add_argument("--md", help="write the markdown table here (default OUT/kernel.md)")
     ap.add_argument("--json", help="write the raw rows here (default OUT/kernel.json)")
@@ -187,6 +190,14 @@ def main(argv=None):
     def run(backend, x, layer, gmt=None):
         return dispatch._run(backend, x, layer, gmt)
 
+    sweep = []
+    if a.sweep and "triton" in backends and 1 in batches:
+        for item in a.sweep.split(";"):
+            try:
+                sweep.append({k.strip(): int(v) for k, v in (kv.split("=") for kv in item.split(",") if kv.strip())})
+            except ValueError:
+                ap.error(f"bad --sweep item {item!r}")
+    sweep_rows = []
     rows = []
     for K, N in shapes:
         fp_w = K * N * 2
@@ -257,6 +268,24 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
+                if batch == 1 and sweep:
+                    from gift_quant.kernels import triton_mixed
+                    lays = [dispatch.prepared(m, "triton", dtype) for m in layers]
+                    for cfg in sweep:
+                        sr = {"K": K, "N": N, "bits": bits, "config": cfg}
+                        try:
+                            with torch.no_grad():
+                                sr["err"] = err(triton_mixed.mixed_linear(xs[0], lays[0], "gemv", cfg))
+                                t = time_calls([lambda x=xs[i], lo=lays[i]: triton_mixed.mixed_linear(x, lo, "gemv", cfg)
+                                                for i in range(copies)], device)
+                            sr["us"] = t * 1e6
+                            sr["speedup"] = row["us_fp16"] / sr["us"]
+                            if meta["copy_bw_GBs"]:
+                                sr["pct_copy_bw"] = 100 * row["bytes"] / t / 1e9 / meta["copy_bw_GBs"]
+                        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
+                            sr["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        sweep_rows.append(sr)
+                        print(json.dumps(sr), flush=True)
             del layers, base, L, w_ref
             if cuda:
                 torch.cuda.empty_cache()
@@ -264,8 +293,19 @@ def main(argv=None):
 
     json_path = Path(a.json) if a.json else out / "kernel.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_rows}, indent=1))
     md = markdown(meta, rows, a, backends)
+    if sweep_rows:
+        md += ("\nTriton GEMV tile sweep at batch 1 (W chunks of 32 rows x BN columns per tile, warps per "
+               "program; the first config is the default):\n\n| K x N | bits | config | us | speedup vs fp16 | "
+               "% copy bw | rel err |\n|---|---|---|---|---|---|---|\n")
+        for r in sweep_rows:
+            cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+            if "error" in r:
+                md += f"| {r['K']}x{r['N']} | {r['bits']} | {cfg} | {r['error']} | | | |\n"
+            else:
+                md += (f"| {r['K']}x{r['N']} | {r['bits']} | {cfg} | {r['us']:.1f} | {r['speedup']:.2f}x | "
+                       f"{_f(r.get('pct_copy_bw'), '.0f')}% | {r['err']:.1e} |\n")
     md_path = Path(a.md) if a.md else out / "kernel.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)

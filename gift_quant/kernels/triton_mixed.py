@@ -83,10 +83,12 @@ def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
                     xv = tl.load(xrow + src, mask=src >= 0, other=0.0)
                 part += f * xv.to(tl.float32)[:, None]
         acc += part * sc
-    for k0 in range(0, KS, W):  # FP16 columns: KS is a multiple of 32, W divides 32
+    for k0 in range(0, KS, W):  # FP16 columns (KS: k padded to 32 with zero weights)
         offs_k = k0 + offs_w
-        si = tl.load(si_ptr + offs_k)
-        sw = tl.load(sw_ptr + offs_k[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
+        kmask = offs_k < KS
+        si = tl.load(si_ptr + offs_k, mask=kmask, other=0)
+        sw = tl.load(sw_ptr + offs_k[:, None] * Np + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
+                     other=0.0)
         xs = tl.load(xrow + si)
         acc += sw.to(tl.float32) * xs.to(tl.float32)[:, None]
     y = tl.sum(acc, axis=0)
@@ -183,8 +185,9 @@ def _check(x: torch.Tensor, L: TritonLayout):
         raise RuntimeError(f"input on {x.device}, weights on {L.qweight.device}")
 
 
-def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv") -> torch.Tensor:
-    """y [M, N] = x2d [M, K] @ W^T (+ bias) with the layout's weights; ``path`` is 'gemv' or 'gemm'."""
+def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config: dict | None = None) -> torch.Tensor:
+    """y [M, N] = x2d [M, K] @ W^T (+ bias) with the layout's weights; ``path`` is 'gemv' or 'gemm';
+    ``config`` overrides the tile choice (benchmark sweeps)."""
     _check(x2d, L)
     M, K = x2d.shape
     N, Np = L.out_features, L.qweight.shape[1]
@@ -197,12 +200,12 @@ def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv") -> torc
     args = (x2d, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, y,
             M, K, N, Np, L.chunks, L.sal_w.shape[0], x2d.stride(0), y.stride(0))
     if path == "gemv":
-        cfg = gemv_config(M, N, L.chunks)
+        cfg = {**gemv_config(M, N, L.chunks), **(config or {})}
         grid = (triton.cdiv(Np, cfg["BN"]), M)
         _gemv_kernel[grid](*args, BITS=L.bits, W=cfg["W"], BN=cfg["BN"],
                            IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None, num_warps=cfg["num_warps"])
     elif path == "gemm":
-        cfg = gemm_config(M, N)
+        cfg = {**gemm_config(M, N), **(config or {})}
         grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(Np, cfg["BN"]))
         _gemm_kernel[grid](*args, BITS=L.bits, BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"],
                            IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None,
