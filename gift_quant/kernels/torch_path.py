@@ -32,7 +32,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             parts.append((v & 7).to(torch.uint8))
         return torch.stack(parts, 1).view(chunks * 32, m)[:n]
     # byte b of word p holds codes p*(32/bits) + b*(8/bits) + i at bit i*bits of the byte
-    by = packed.contiguous().view(torch.uint8).view(chunks, bits, m, 4)
+    by = packed.reshape(-1).view(torch.uint8).view(chunks, bits, m, 4)  # reshape: a size-1 dim may keep any stride
     per = 8 // bits
     if per == 1:
         codes = by.unsqueeze(-1)
