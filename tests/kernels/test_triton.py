@@ -126,8 +126,9 @@ def test_chunk_packing_and_int32_unpack_roundtrip(bits):
 def test_torch_path_matches_float64_and_trains_only_the_fp16_columns(monkeypatch, cache):
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "torch")
     monkeypatch.setenv("GIFT_QUANT_TORCH_CACHE", cache)
-    for bits, gs, N in itertools.product([2, 3, 4, 8], [32, -1], [1, 20]):  # per-row: qzeros has one row
-        layer = MixedPrecisionLinear.random(96, N, bits, gs, 4, bias=True, act_order=True, seed=bits).double()
+    for bits, gs, N, act in itertools.product([2, 3, 4, 8], [32, 40, -1], [1, 20], [False, True]):
+        # per-row: qzeros has one row; 40 does not divide 96 (a shorter last group); static groups broadcast
+        layer = MixedPrecisionLinear.random(96, N, bits, gs, 4, bias=True, act_order=act, seed=bits).double()
         x = torch.randn(5, 96, dtype=torch.float64)
         torch.testing.assert_close(layer(x), reference64(layer, x), rtol=1e-10, atol=1e-10)
     layer = MixedPrecisionLinear.random(96, 20, 3, 32, 4, bias=True, act_order=True, seed=8)
