@@ -23,7 +23,7 @@ results; the plot is drawn at the end when matplotlib is importable.
     python3 tools/bench_e2e.py --part a --model FILE.gguf --out OUT [--calib-samples 32] [--checkpoints DIR ...]
 
 Compiled configurations cost the inductor compile of the whole decode step (once per variant and batch
-size) and, on a fresh machine, the CUDA kernel's JIT build comes first: see ``kernel_build_s`` and
+size) and, with GIFT_QUANT_KERNEL=cuda on a fresh machine, the C++ kernel's JIT build comes first: see ``kernel_build_s`` and
 ``config_s`` in the JSON to plan a run.
 """
 from __future__ import annotations
@@ -332,7 +332,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], profiles: dict, final
           "mode=reduce-overhead on CUDA); prefill runs eager.",
           "Size: the state dict with float tensors at 2 bytes (FP16 storage), or the checkpoint's "
           "safetensors on disk (`size_source` in the JSON).",
-          f"CUDA kernel: {meta.get('kernel_status')}.", ""]
+          f"Kernel: {meta.get('kernel_status')}.", ""]
     for part in ("a", "b"):
         pr = [r for r in rows if r["part"] == part]
         if not pr:

@@ -53,7 +53,7 @@ def torch_cache_enabled() -> bool:
 def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
     """[in, out] base in ``dtype`` with the salient rows zeroed (foreign checkpoints may hold codes there)."""
     wt = torch_path.dequantize_t(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                 layer.in_features, layer.out_features, dtype)
+                                 layer.in_features, layer.out_features, dtype, layer.group_size)
     if layer.salient_idx.numel():
         wt.index_fill_(0, layer.salient_idx.long(), 0)
     return wt

@@ -221,8 +221,12 @@ def test_cuda_generate_static_cache_matches_fallback(tiny_model, calib, monkeypa
 
 
 def test_kernel_module_imports_without_cuda_toolchain():
-    """Importing gift_quant never builds anything."""
-    code = "import gift_quant, gift_quant.kernels as k; assert k.build._tried is False"
+    """Importing gift_quant (and running a layer on CPU) never builds anything, and never imports triton."""
+    code = ("import sys, torch, gift_quant, gift_quant.kernels.build as b\n"
+            "from gift_quant.nn import MixedPrecisionLinear\n"
+            "MixedPrecisionLinear.random(64, 8, 4, 32, 2)(torch.randn(1, 64))\n"
+            "assert b._tried is False\n"
+            "assert 'gift_quant.kernels.triton_mixed' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PATH": "/usr/bin:/bin", "CUDA_HOME": ""})
     assert r.returncode == 0, r.stderr

@@ -115,12 +115,22 @@ def test_layout_reference_is_exact_in_float64():
 def test_chunk_packing_and_int32_unpack_roundtrip(bits):
     c = torch.randint(0, 2 ** bits, (96, 7), dtype=torch.int32)
     assert torch.equal(lay.unpack_chunks(lay.pack_chunks(c, bits), bits).to(torch.int32), c)
-    c = torch.randint(0, 2 ** bits, (100, 9), dtype=torch.int32)
-    assert torch.equal(torch_path.unpack_codes(pack(c, bits), bits, 100).to(torch.int32), unpack(pack(c, bits), bits, 100))
+    for m in (9, 1):
+        c = torch.randint(0, 2 ** bits, (100, m), dtype=torch.int32)
+        p = pack(c, bits)
+        for packed in (p, p.t().contiguous().t()):  # also a size-1 dim with a stride other than 1
+            assert torch.equal(torch_path.unpack_codes(packed, bits, 100).to(torch.int32), c)
 
 
-def test_torch_path_matches_float64_and_trains_only_the_fp16_columns(monkeypatch):
+@pytest.mark.parametrize("cache", ["0", "1"])
+def test_torch_path_matches_float64_and_trains_only_the_fp16_columns(monkeypatch, cache):
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "torch")
+    monkeypatch.setenv("GIFT_QUANT_TORCH_CACHE", cache)
+    for bits, gs, N, act in itertools.product([2, 3, 4, 8], [32, 40, -1], [1, 20], [False, True]):
+        # per-row: qzeros has one row; 40 does not divide 96 (a shorter last group); static groups broadcast
+        layer = MixedPrecisionLinear.random(96, N, bits, gs, 4, bias=True, act_order=act, seed=bits).double()
+        x = torch.randn(5, 96, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), reference64(layer, x), rtol=1e-10, atol=1e-10)
     layer = MixedPrecisionLinear.random(96, 20, 3, 32, 4, bias=True, act_order=True, seed=8)
     x = torch.randn(5, 96, dtype=torch.float64)
     layer.double()
