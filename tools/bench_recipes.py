@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant.data import eval_windows, load_texts  # noqa: E402
-from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.model_io import load_model  # noqa: E402
-from gift_quant.recipes import load_recipe, run_recipe  # noqa: E402
+from gift_quant.io.data import eval_windows, load_texts  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
+from gift_quant.train.recipe import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
 METHODS = ("fp", "none", "post", "post-qni", "post-nonoise", "pre", "ste", "lora")

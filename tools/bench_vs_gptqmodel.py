@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.data import calibration_samples, eval_windows, load_texts  # noqa: E402
-from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.model_io import load_model  # noqa: E402
-from gift_quant.pipeline import compress_model  # noqa: E402
+from gift_quant.io.data import calibration_samples, eval_windows, load_texts  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
+from gift_quant.compress.pipeline import compress_model  # noqa: E402
 
 
 def run_gptqmodel(fp_dir: Path, out_dir: Path, calib: torch.Tensor, bits: int, group_size: int, damp: float,
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     import gptqmodel
-    from gift_quant.gptq_interop import import_gptq
+    from gift_quant.integrations.gptq.convert import import_gptq
     from transformers import AutoModelForCausalLM
 
     bits_list = [int(b) for b in a.bits.split(",")]

@@ -1,4 +1,4 @@
-from .mixed_linear import MixedPrecisionLinear
-from .gift_linear import GiftLinear
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
+from gift_quant.nn.gift_linear import GiftLinear
 
 __all__ = ["MixedPrecisionLinear", "GiftLinear"]

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import noise as qni
-from ..errors import GiftError
+from gift_quant.core import noise as qni
+from gift_quant.errors import GiftError
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -158,15 +158,3 @@ class GiftLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.salient_idx.numel()}, "
                 f"mode={self.mode}, noise={self.noise}@{self.noise_bits}bit")
-
-
-def swap_modules(model: nn.Module, fn, kinds) -> dict[str, nn.Module]:
-    """Replace every submodule of a type in ``kinds`` by ``fn(name, module)``; returns the new ones."""
-    out = {}
-    for name, m in list(model.named_modules()):
-        if isinstance(m, kinds):
-            new = fn(name, m)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            out[name] = new
-    return out
