@@ -55,7 +55,14 @@ def test_rtn_and_plain_gptq(tiny_model_dir, tmp_path, capsys):
     (("--metric", "magic"), "unknown metric"),
     (("--metric-tau", "3"), "tau"),
     (("--calib-samples", "100000"), "too little calibration text"),
-    (("--group-size", "0"), "group_size"),
+    (("--group-size", "0"), "--group-size"),
+    # found trying the CLI as a new user (issue 11): each used to end in a traceback or a misleading message
+    pytest.param(("--device", "cuda"), "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--dataset", "nothere.txt"), "dataset file not found: nothere.txt"),
+    (("--seq-len", "5000"), "--seq-len 5000 is longer than the model's context window (1024 tokens)"),
+    (("--recipe", "post", "--train-seq-len", "4096"), "--train-seq-len 4096 is longer than the model's context"),
 ])
 def test_bad_input_one_line_exit_2(tiny_model_dir, tmp_path, capsys, extra, needle):
     out = tmp_path / "never"

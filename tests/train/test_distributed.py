@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel as DDP
     from gift_quant.nn import MixedPrecisionLinear
-    from gift_quant.train.recipe import load_recipe, run_recipe
+    from gift_quant.train import load_recipe, run_recipe
     from tests.conftest import char_tokenizer, tiny_llama
 
     torch.set_num_threads(1)

@@ -10,8 +10,9 @@ from gift_quant import GiftError; from gift_quant.core import noise as qni
 from gift_quant.nn import GiftLinear
 from gift_quant.nn.swap import swap_modules
 from gift_quant.compress.pipeline import decoder_layers
-from gift_quant.train.recipe import load_recipe, run_recipe
-from gift_quant.train.loop import TrainSettings, train
+from gift_quant.train import load_recipe, run_recipe
+from gift_quant.train.loop import train
+from gift_quant.train.settings import TrainSettings
 
 from tests.conftest import char_tokenizer, tiny_llama
 
