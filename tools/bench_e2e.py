@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant import bench  # noqa: E402
+from gift_quant.eval import bench  # noqa: E402
 from gift_quant.errors import GiftError  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
 

@@ -4,8 +4,8 @@ gift-quant at k = 0 (plain GPTQ), same calibration windows, bits, group size 128
 damping 0.01, no clip search; held-out perplexity and quantization wall time side by side.
 
 Both checkpoints are evaluated through the same code: the GPTQModel checkpoint is imported with
-``gift_quant.gptq_interop.import_gptq`` (bit-exact; tests/test_gptq_interop.py checks the logits against
-GPTQModel's own TorchLinear) and run through ``gift_quant.evaluate.perplexity`` in fp32.
+``gift_quant.integrations.gptq.import_gptq`` (bit-exact; tests/integrations/test_gptq_interop.py checks the logits against
+GPTQModel's own TorchLinear) and run through ``gift_quant.eval.perplexity`` in fp32.
 
     pip install --no-deps gptqmodel==7.7.0 optimum pypcre logbar device-smi tokenicer defuser pillow threadpoolctl
     GPTQMODEL_CPU_WORKERS=2 python tools/bench_vs_gptqmodel.py --bits 2,3,4
@@ -131,7 +131,7 @@ def main():
              f"true-sequential {'off' if a.no_true_sequential else 'on'} on both. "
              f"Perplexity on `idle` ({ev.shape[0]} x 512 tokens, never used for calibration); both checkpoints are "
              "evaluated by the same fp32 code (the GPTQModel checkpoint imported bit-exactly with "
-             "`gift_quant.gptq_interop`). Time = the quantization call only (GPTQModel `quantize()`, gift "
+             "`gift_quant.integrations.gptq`). Time = the quantization call only (GPTQModel `quantize()`, gift "
              "`compress_model`, both including packing), wall-clock on a shared machine: indicative only. "
              f"FP perplexity {fp:.3f} (the model ships as Q4_1 GGUF, so 4-bit results look better than they "
              "would on a true FP16 model).", "",

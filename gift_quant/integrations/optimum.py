@@ -7,7 +7,7 @@
     model = load_quantized_model(None, "out", device_map="auto")
 
 ``dataset`` may be a name, a list of strings, token-id tensors (``tokenizer`` may then be None), a list of
-``{"input_ids": ...}`` dicts or a ``datasets.Dataset`` (see :mod:`gift_quant.api`).
+``{"input_ids": ...}`` dicts or a ``datasets.Dataset`` (see :mod:`gift_quant.compress.calibration`).
 """
 from __future__ import annotations
 

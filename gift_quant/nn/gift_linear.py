@@ -6,7 +6,7 @@
   codes of a :class:`MixedPrecisionLinear` for ``post``. Its salient columns are zero, so the FP
   columns live only in ``salient_weight``: nothing is stored twice.
 - ``salient_weight`` [out, k] is the only trainable tensor (fp32 master copy).
-- In training mode each forward adds quantization noise (:mod:`gift_quant.noise`) to the non-salient
+- In training mode each forward adds quantization noise (:mod:`gift_quant.core.noise`) to the non-salient
   columns, freshly sampled per call from a seed drawn from torch's global RNG. The backward pass
   regenerates the same noise from that seed instead of keeping a perturbed copy of the weight.
 - A custom autograd Function computes grad(salient_weight) = grad_out^T @ x[..., idx] and

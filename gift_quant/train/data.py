@@ -33,5 +33,6 @@ def training_data(s: TrainSettings, tokenizer, seed: int):
     g = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(ids.shape[0], generator=g)
     vi, ti = perm[:n_val].sort().values, perm[n_val:].sort().values
-    pick = (lambda t, i: None if t is None else t[i])
+    def pick(t, i):
+        return None if t is None else t[i]
     return ids[ti], pick(labels, ti), (ids[vi] if n_val else None), (pick(labels, vi) if n_val else None)

@@ -225,7 +225,7 @@ def test_lm_eval_hf_harness_reads_gift_checkpoint(tiny_model_dir, tmp_path, monk
     from pathlib import Path
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the task's data_files path is repo-relative
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the task's data_files path is repo-relative
     cfg = GiftConfig(bits=4, group_size=32, n_salient=4, dataset=TEXTS, calib_samples=4, seq_len=64)
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg)
     m.save_pretrained(tmp_path / "q")

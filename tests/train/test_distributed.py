@@ -20,7 +20,7 @@ pytest.importorskip("accelerate")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = ("The quick brown fox jumps over the lazy dog. Training text for a tiny model, "
         "with numbers 0123456789 and punctuation!? ") * 60
 STEPS = 4

@@ -1,12 +1,12 @@
 """GIFT-SW training: GiftLinear gradients and noise, the training loop, recipes end to end (tiny model)."""
 import json
-import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gift_quant import GiftError; from gift_quant.core import noise as qni
+from gift_quant import GiftError
+from gift_quant.core import noise as qni
 from gift_quant.nn import GiftLinear
 from gift_quant.nn.swap import swap_modules
 from gift_quant.compress.pipeline import decoder_layers
