@@ -28,13 +28,13 @@ def add_setting_flags(group, cls) -> None:
 
 
 def overrides(a, *classes) -> dict:
-    """Recipe keys from the parsed flags. ``--salient`` or ``--salient-ratio`` alone means exactly that
-    (the other cap is cleared), as the help says."""
+    """Recipe keys of the flags given (unset flags are left out, so the recipe's values stand).
+    ``--salient`` or ``--salient-ratio`` alone means exactly that: the other cap is cleared (None)."""
     out = {}
     for cls in classes:
-        out.update({n: getattr(a, n) for n in _flagged(cls)})
-    if out.get("n_salient") is not None or out.get("salient_ratio") is not None:
-        out["_clear"] = ("n_salient", "salient_ratio")
+        out.update({n: getattr(a, n) for n in _flagged(cls) if getattr(a, n) is not None})
+    if "n_salient" in out or "salient_ratio" in out:
+        out = {"n_salient": None, "salient_ratio": None, **out}
     return out
 
 

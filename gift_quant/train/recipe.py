@@ -121,7 +121,7 @@ def _read_yaml(spec: str) -> tuple[dict, str]:
 
 def load_recipe(spec: str = "none", overrides: dict | None = None, device: str | None = None) -> Recipe:
     """Read a built-in name or a YAML path, apply the ``cpu``/``gpu`` section, then ``overrides``
-    (None values are skipped, except for the keys in ``overrides['_clear']``)."""
+    (None clears a nullable field and is skipped for the others)."""
     from gift_quant.train.methods import METHODS
     data, where = _read_yaml(spec)
     kind = "gpu" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
@@ -136,10 +136,8 @@ def load_recipe(spec: str = "none", overrides: dict | None = None, device: str |
         _check(k, v, where)
         merged[k] = v
     merged.update(data.get(kind) or {})
-    overrides = dict(overrides or {})
-    clear = set(overrides.pop("_clear", ()))
-    for k, v in overrides.items():
-        if v is not None or k in clear:
+    for k, v in (overrides or {}).items():
+        if v is not None or (k in recipe_keys() and recipe_keys()[k].metadata["nullable"]):
             _check(k, v, "command line")
             meta = recipe_keys()[k].metadata
             msg = value_error(v, meta)
