@@ -3,7 +3,6 @@ cache (eager and, optionally, ``torch.compile``), peak memory, size on disk and 
 compressed checkpoint next to its float baseline. Out-of-memory is caught per configuration."""
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import time
@@ -175,4 +174,5 @@ def plot(rows: list[dict], out):
 
 
 def write_json(rows, out):
-    Path(out).write_text(json.dumps(rows, indent=2))
+    from gift_quant.io.atomic import write_json
+    write_json(out, rows, indent=2)

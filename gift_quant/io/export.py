@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gift_quant.errors import GiftError
-from gift_quant.io.atomic import fsync_path
+from gift_quant.io.atomic import fsync_path, save_tensors
 
 
 STORAGE_DTYPE = torch.float16
@@ -91,7 +90,7 @@ def save_saliency(report, path: Path):
     for m in report.modules:
         tensors[f"{m.name}.salient_idx"] = m.salient_idx.to(torch.int32).contiguous()
         tensors[f"{m.name}.scores"] = m.scores.to(torch.float32).contiguous()
-    save_file(tensors, str(path), metadata={"what": "gift-quant salient column selection"})
+    save_tensors(path, tensors, metadata={"what": "gift-quant salient column selection"})
 
 
 def model_card(config, summary: dict) -> str:
