@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import gift_quant  # noqa: F401
 from gift_quant import GiftError, GiftQuantizer
-from gift_quant.integrations.gptq.convert import (attach_salient, export_gptq, import_gptq, to_gptq_words,
-                                     v2_to_v1_qzeros)
 from gift_quant.core.packing import pack_qweight, pack_qzeros
+from gift_quant.integrations.gptq import attach_salient, export_gptq, import_gptq
+from gift_quant.integrations.gptq.layout import to_gptq_words, v2_to_v1_qzeros
 from tests.conftest import char_tokenizer, tiny_llama
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel 7.7 refuses a 2-core machine otherwise
