@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
-from ..quant import n_groups
+from ..core.packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
+from ..core.quantizer import n_groups
 from .dispatch import mixed_linear_forward
 
 
