@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant import bench  # noqa: E402
+from gift_quant.eval import bench  # noqa: E402
 from gift_quant.errors import GiftError  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
 
@@ -228,7 +228,7 @@ def build_b(a, bits: int | None, device, dtype):
 
 
 def eval_texts():
-    from gift_quant.data import load_texts
+    from gift_quant.io.data import load_texts
     try:
         return "idle", load_texts("idle")
     except (GiftError, ImportError):  # idlelib is a separate distro package on some systems
@@ -238,9 +238,9 @@ def eval_texts():
 def prepare_a(a, device, dtype, budget: Budget) -> tuple[list[dict], dict]:
     """Part a variants as CPU models: FP16, then compressed (here or from --checkpoints)."""
     from gift_quant.config import GiftConfig
-    from gift_quant.data import eval_windows
-    from gift_quant.evaluate import perplexity
-    from gift_quant.model_io import load_model
+    from gift_quant.io.data import eval_windows
+    from gift_quant.eval.perplexity import perplexity
+    from gift_quant.io.model_io import load_model
 
     t = time.time()
     fp, tok = load_model(a.model, dtype=torch.float32)
@@ -266,7 +266,7 @@ def prepare_a(a, device, dtype, budget: Budget) -> tuple[list[dict], dict]:
                      "size_source": "state_dict", "ppl": ppl(base)})
     log(f"fp16: ppl {variants[0]['ppl']}")
     if a.checkpoints:
-        from gift_quant.hf import load_checkpoint
+        from gift_quant.integrations.transformers import load_checkpoint
         for path in a.checkpoints:
             m, _ = load_checkpoint(path, dtype=dtype)
             bits = m.config.quantization_config.bits if hasattr(m.config.quantization_config, "bits") else \
@@ -282,7 +282,7 @@ def prepare_a(a, device, dtype, budget: Budget) -> tuple[list[dict], dict]:
                 log(f"gift-{bits}bit: compression skipped (time budget)")
                 variants.append({"name": f"gift-{bits}bit", "bits": bits, "model": None, "skipped": True})
                 continue
-            from gift_quant.api import quantize_
+            from gift_quant.compress.api import quantize_
             m = copy.deepcopy(fp)
             cfg = GiftConfig(bits=bits, group_size=a.group_size, calib_samples=a.calib_samples, seq_len=a.seq_len)
             t = time.time()

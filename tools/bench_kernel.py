@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gift_quant.nn import dispatch  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
-from gift_quant.packing import pack_qweight, pack_qzeros  # noqa: E402
+from gift_quant.core.packing import pack_qweight, pack_qzeros  # noqa: E402
 
 BIG = 1 << 30
 

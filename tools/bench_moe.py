@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gift_quant import GiftConfig  # noqa: E402
-from gift_quant.api import quantize_  # noqa: E402
+from gift_quant.compress import quantize_  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
-from tests.test_moe import tiny_moe  # noqa: E402
+from tests.compress.test_experts import tiny_moe  # noqa: E402
 
 
 def run(build, bits: int, exclude_experts: bool = False):

@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant.data import eval_windows, load_texts  # noqa: E402
-from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.model_io import load_model  # noqa: E402
-from gift_quant.recipes import load_recipe, run_recipe  # noqa: E402
+from gift_quant.io.data import eval_windows, load_texts  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
+from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
 METHODS = ("fp", "none", "post", "post-qni", "post-nonoise", "pre", "ste", "lora")
@@ -85,7 +85,7 @@ def main(argv=None):
                 for m in [m for m in methods if m != "fp"]:
                     recipe = {"post-nonoise": "post", "post-qni": "post"}.get(m, m)
                     ov = {"bits": bits, "seed": seed, "steps": a.steps, "batch_size": a.batch_size,
-                          "seq_len": a.train_seq_len, "calib_samples": a.calib_samples, "save_every": 0}
+                          "train_seq_len": a.train_seq_len, "calib_samples": a.calib_samples, "save_every": 0}
                     if m == "post-nonoise":
                         ov["noise"] = "none"
                     if m == "post-qni":  # the paper's noise: gaussian, sigma from the target bits
@@ -97,29 +97,30 @@ def main(argv=None):
                             if (stage / f).exists():
                                 shutil.copy(stage / f, work / f)
                     t0 = time.time()
-                    s = run_recipe(r, copy.deepcopy(model0), tok, work_dir=work, resume=True, progress=False,
-                                   eval_windows=ev)
+                    res = run_recipe(r, copy.deepcopy(model0), tok, work_dir=work, resume=True, progress=False,
+                                     eval_windows=ev)
+                    s, tr = res.summary, res.train_report
                     if m != "pre" and not (stage / "compressed.json").exists():
                         for f in ("compressed.json", "compressed.safetensors", "saliency.safetensors"):
                             if (work / f).exists():
                                 shutil.copy(work / f, stage / f)
                     shutil.rmtree(work, ignore_errors=True)
-                    tr = s.get("_train_report")
                     row = {"method": m, "bits": bits, "seed": seed, "ppl": s["perplexity"],
                            "bpw": s.get("bits_per_weight"), "trainable": tr.trainable_params if tr else 0,
                            "step_s": tr.step_seconds if tr else None, "peak_mb": tr.peak_memory_mb if tr else None,
                            "steps": tr.steps_done if tr else 0, "seconds": time.time() - t0}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-                    del s
+                    del s, res
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
-    r0 = load_recipe("post", {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.train_seq_len,
+    r0 = load_recipe("post", {"steps": a.steps, "batch_size": a.batch_size, "train_seq_len": a.train_seq_len,
                               "calib_samples": a.calib_samples})
-    budget = (f"{r0.steps} steps x {r0.batch_size} x {r0.seq_len} tokens (lr {r0.lr}, train text "
-              f"`{r0.train_dataset}`), calibration {r0.calib_samples} x {r0.calib_seq_len} tokens, "
+    t, c = r0.train, r0.config
+    budget = (f"{t.steps} steps x {t.batch_size} x {t.train_seq_len} tokens (lr {t.lr}, train text "
+              f"`{t.train_dataset}`), calibration {c.calib_samples} x {c.seq_len} tokens, "
               f"eval idle {ev.shape[0]} x 512 tokens, seeds {seeds}")
     write_section(a, results, budget, time.time() - t_start)
 

@@ -23,22 +23,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn.experts import MixedPrecisionExperts, is_fused_experts, split_fused_experts
-from ..errors import GiftError
-from ..saliency import ActivationStats
+from gift_quant.core.saliency import ActivationStats
+from gift_quant.errors import GiftError
+from gift_quant.nn.experts import MixedPrecisionExperts, is_fused_experts, split_fused_experts
 
 FLOAT_SHARE_WARN = 0.10
 _EXPERT = re.compile(r"^(.*)\.(gate_up_proj|down_proj)\.(\d+)$")
 
 
-def is_excluded(name: str, exclude) -> bool:
-    """The pipeline's exclusion rule: a module name equal to, or ending with ``.``, an entry."""
-    return any(name == e or name.endswith("." + e) for e in exclude)
-
-
-def split_experts(layers: nn.Module, exclude) -> list[str]:
-    """Split the fused experts of the decoder layers (unless excluded by name) for compression."""
-    return split_fused_experts(layers, lambda n: is_excluded(n, exclude))
+def split_experts(layers: nn.Module, prefix: str, config) -> list[str]:
+    """Split the fused experts of the decoder layers that ``config`` converts, for compression."""
+    return split_fused_experts(layers, lambda n: config.is_converted(f"{prefix}.{n}"))
 
 
 def _pooled(stats: list[ActivationStats]) -> ActivationStats:
@@ -97,13 +92,13 @@ class Coverage:
         return (self.float_params - self.excluded_params) / max(self.decoder_params, 1)
 
 
-def coverage(layers: nn.ModuleList, prefix: str, exclude, explicit=()) -> Coverage:
-    """Share of decoder parameters that a compression with exclusion list ``exclude`` leaves in float.
+def coverage(layers: nn.ModuleList, prefix: str, config) -> Coverage:
+    """Share of decoder parameters that a compression with ``config`` leaves in float.
 
-    Works before and after compression: an nn.Linear that is not excluded and a supported fused experts
-    module count as converted. ``explicit`` is the part of ``exclude`` the user chose (not a default).
+    Works before and after compression: an nn.Linear that ``config`` converts and a supported fused
+    experts module count as converted.
     """
-    from ..nn import GiftLinear, MixedPrecisionLinear
+    from gift_quant.nn import GiftLinear, MixedPrecisionLinear
     cov = Coverage()
     for li, layer in enumerate(layers):
         converted: set[int] = set()
@@ -112,7 +107,7 @@ def coverage(layers: nn.ModuleList, prefix: str, exclude, explicit=()) -> Covera
                 cov.decoder_params += m.in_features * m.out_features
                 converted.update(id(p) for p in m.parameters(recurse=False))
                 converted.update(id(b) for b in m.buffers(recurse=False))
-            elif (isinstance(m, nn.Linear) or is_fused_experts(m)) and not is_excluded(n, exclude):
+            elif (isinstance(m, nn.Linear) or is_fused_experts(m)) and config.is_converted(f"{prefix}.{li}.{n}"):
                 for p in m.parameters(recurse=False):
                     if p.dim() >= 2:  # the weight; a bias stays float
                         cov.decoder_params += p.numel()
@@ -123,7 +118,7 @@ def coverage(layers: nn.ModuleList, prefix: str, exclude, explicit=()) -> Covera
             cov.decoder_params += p.numel()
             cov.float_params += p.numel()
             owner = n.rpartition(".")[0]
-            if any(is_excluded(o, explicit) for o in _ancestors(owner)):
+            if any(config.is_excluded_explicitly(f"{prefix}.{li}.{o}") for o in _ancestors(owner)):
                 cov.excluded_params += p.numel()
             key = f"{prefix}.*.{owner}" if owner else f"{prefix}.*"
             cls, count = cov.float_modules.get(key, (type(layer.get_submodule(owner)).__name__, 0))

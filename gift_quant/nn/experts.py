@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gift_quant.nn.swap import swap_modules
+
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
@@ -81,13 +83,9 @@ class MixedPrecisionExperts(nn.Module):
         return f"num_experts={self.num_experts}"
 
 
-def split_fused_experts(root: nn.Module, excluded=lambda name: False) -> list[str]:
-    """Replace every supported fused experts module under ``root`` (unless ``excluded(name)``) by a
+def split_fused_experts(root: nn.Module, converted=lambda name: True) -> list[str]:
+    """Replace every supported fused experts module under ``root`` whose name ``converted`` accepts by a
     :class:`MixedPrecisionExperts` of nn.Linear views, in place. Returns the replaced names."""
-    names = []
-    for name, module in list(root.named_modules()):
-        if is_fused_experts(module) and not excluded(name):
-            parent, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, child, MixedPrecisionExperts.from_fused(module))
-            names.append(name)
-    return names
+    fused = {n for n, m in root.named_modules() if is_fused_experts(m) and converted(n)}
+    return list(swap_modules(root, lambda n, m: MixedPrecisionExperts.from_fused(m), (nn.Module,),
+                             where=fused.__contains__))

@@ -46,7 +46,7 @@ def test_prepared_layout_matches_reference_float64():
 
 def test_foreign_salient_slots_are_repacked_not_double_counted():
     """A checkpoint whose salient slots are not the zero-point must not add them twice."""
-    from gift_quant.packing import pack_qweight
+    from gift_quant.core.packing import pack_qweight
     layer = MixedPrecisionLinear.random(96, 8, 4, 32, 5, seed=3)
     codes = layer.codes().clone()
     codes[:, layer.salient_idx.long()] = 15
@@ -204,7 +204,7 @@ def test_cuda_kernel_under_compile_with_cuda_graphs(monkeypatch):
 def test_cuda_generate_static_cache_matches_fallback(tiny_model, calib, monkeypatch):
     """Whatever backend GIFT_QUANT_KERNEL names (auto: Triton) against the PyTorch path, end to end."""
     from gift_quant import GiftConfig
-    from gift_quant.api import quantize_
+    from gift_quant.compress.api import quantize_
     model = tiny_model
     quantize_(model, GiftConfig(bits=4, group_size=32, n_salient=8), dataset=calib[:4], progress=False)
     model = model.cuda().half()
@@ -237,7 +237,7 @@ def test_gift_checkpoints_take_the_chunk_uniform_fast_path(tiny_model, calib, de
     """GPTQ groups are formed over non-salient columns, so once salient rows leave the base every
     32-row chunk lies in one group, with and without act-order."""
     from gift_quant import GiftConfig
-    from gift_quant.api import quantize_
+    from gift_quant.compress.api import quantize_
     quantize_(tiny_model, GiftConfig(bits=3, group_size=32, n_salient=5, desc_act=desc_act), dataset=calib[:4],
               progress=False)
     layers = [m for m in tiny_model.modules() if isinstance(m, MixedPrecisionLinear)]

@@ -20,7 +20,7 @@ from gift_quant.kernels import layout as lay  # noqa: E402
 from gift_quant.kernels import torch_path  # noqa: E402
 from gift_quant.nn import dispatch  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
-from gift_quant.packing import pack, unpack  # noqa: E402
+from gift_quant.core.packing import pack, unpack  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
@@ -99,7 +99,7 @@ def test_layout_reference_is_exact_in_float64():
         layer = MixedPrecisionLinear.random(K, N, bits, gs, k, bias=True, act_order=act,
                                             seed=int(torch.randint(0, 10**6, (1,), generator=gen)))
         if k:  # foreign checkpoint: salient slots hold arbitrary codes
-            from gift_quant.packing import pack_qweight
+            from gift_quant.core.packing import pack_qweight
             codes = layer.codes().clone()
             codes[:, layer.salient_idx.long()] = (1 << bits) - 1
             layer.qweight.copy_(pack_qweight(codes, bits))
