@@ -34,8 +34,9 @@ def run(build, bits: int, exclude_experts: bool = False):
     calib, x = torch.randint(0, 128, (16, 64), generator=g), torch.randint(0, 128, (4, 64), generator=g)
     with torch.no_grad():
         ref = m(x).logits
-    cfg = GiftConfig(bits=bits, group_size=32, n_salient=4, salient_ratio=None, calib_samples=16, seq_len=64,
-                     modules_not_converted=["lm_head", "experts"] if exclude_experts else None)
+    cfg = GiftConfig(bits=bits, group_size=32, n_salient=4, salient_ratio=None, calib_samples=16, seq_len=64)
+    if exclude_experts:
+        cfg = GiftConfig(**{**cfg.to_dict(), "modules_not_converted": [*cfg.modules_not_converted, "experts"]})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = quantize_(m, cfg, dataset=calib, progress=False)
