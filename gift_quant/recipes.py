@@ -8,9 +8,11 @@ CLI flags override YAML fields. Unknown keys or wrong types are a one-line :clas
 
 Methods (``recipe:`` field):
 - ``none``: GPTQ + FP16 salient columns, no training.
-- ``post``: select, GPTQ, then train the FP16 columns on the frozen codes with noise, write them back.
-- ``pre``: select on the FP model, train the FP16 columns with noise on the FP base, then GPTQ with the
-  trained columns kept FP16 (they receive GPTQ's OWQ-style error compensation like any FP column).
+- ``post``: select, GPTQ, then train the FP16 columns on the frozen codes (no noise by default, as the
+  method's public code does; opt-in noise has sigma = half each group's stored scale), write them back.
+- ``pre``: select on the FP model, train the FP16 columns with noise on the FP base (sigma = half the step
+  the run's own quantizer fits per group), then GPTQ with the trained columns kept FP16 (they receive
+  GPTQ's OWQ-style error compensation like any FP column).
 - ``ste`` / ``lora``: baselines (:mod:`gift_quant.baselines`).
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ FIELDS: dict[str, tuple[tuple, object]] = {
     "lr": ((float, int), 1e-4),
     "warmup_ratio": ((float, int), 0.03),
     "weight_decay": ((float, int), 0.0),
-    "schedule": ((str,), "constant"),
+    "schedule": ((str,), "linear"),
     "max_grad_norm": ((float, int, _NONE), 1.0),
     "noise": ((str,), "gaussian"),
     "noise_bits": ((int, _NONE), None),
@@ -209,8 +211,9 @@ def _validate(r: Recipe, where: str):
         raise GiftError(f"{where}: recipe must be one of {', '.join(METHODS)}, got {r.recipe!r}")
     if r.noise not in NOISE_KINDS:
         raise GiftError(f"{where}: noise must be one of {', '.join(NOISE_KINDS)}, got {r.noise!r}")
-    if r.schedule not in ("constant", "cosine"):
-        raise GiftError(f"{where}: schedule must be constant or cosine, got {r.schedule!r}")
+    from .train import SCHEDULES
+    if r.schedule not in SCHEDULES:
+        raise GiftError(f"{where}: schedule must be one of {', '.join(SCHEDULES)}, got {r.schedule!r}")
     for k in ("steps", "batch_size", "grad_accum", "seq_len", "calib_samples", "calib_seq_len"):
         if getattr(r, k) < 1:
             raise GiftError(f"{where}: {k} must be >= 1, got {getattr(r, k)}")
@@ -223,8 +226,10 @@ def _validate(r: Recipe, where: str):
         raise GiftError(f"{where}: weight_decay must be a finite number >= 0, got {r.weight_decay}")
     if r.max_grad_norm is not None and not r.max_grad_norm >= 0:  # a negative norm would flip the gradients
         raise GiftError(f"{where}: max_grad_norm must be >= 0 or null, got {r.max_grad_norm}")
-    if r.noise_bits is not None and r.noise_bits < 2:
-        raise GiftError(f"{where}: noise_bits must be >= 2 or null, got {r.noise_bits}")
+    from .quant import SUPPORTED_BITS
+    if r.noise_bits is not None and r.noise_bits not in SUPPORTED_BITS:
+        raise GiftError(f"{where}: noise_bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or null, "
+                        f"got {r.noise_bits}")
     if r.lora_rank is not None and r.lora_rank < 1:
         raise GiftError(f"{where}: lora_rank must be >= 1 or null, got {r.lora_rank}")
     if not 0 <= r.warmup_ratio < 1:
@@ -422,7 +427,8 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
             if name not in salient:
                 return lin
             idx_of[name] = salient[name]
-            return GiftLinear.from_linear(lin, salient[name], r.bits, r.noise, r.noise_bits).to(device)
+            return GiftLinear.from_linear(lin, salient[name], r.bits, r.noise, r.noise_bits, cfg.group_size, cfg.sym,
+                                          cfg.mse_clip).to(device)
         from .pipeline import decoder_layers
         layers, prefix = decoder_layers(model)
         swap_modules(layers, lambda n, m: to_gift(f"{prefix}.{n}", m), (torch.nn.Linear,))

@@ -1,8 +1,9 @@
 """Training loop for the GIFT-SW recipes (and the STE / LoRA baselines).
 
 - Causal-LM loss on packed windows; for chat data the labels of non-assistant tokens are -100.
-- AdamW (paper defaults: lr 1e-4, weight decay 0), linear warmup over ``warmup_ratio`` of the steps,
-  then constant (or cosine decay), gradient accumulation, bf16 autocast on CUDA, fp32 on CPU.
+- AdamW (paper defaults: lr 1e-4, weight decay 0), warmup over ``warmup_ratio`` of the steps, then
+  linear decay to 0 (the method's schedule; ``cosine`` or ``constant`` on request), from transformers'
+  ``get_scheduler``; gradient accumulation, bf16 autocast on CUDA, fp32 on CPU.
 - Only parameters with ``requires_grad`` train; everything else is frozen.
 - Checkpoints every ``save_every`` steps into ``work_dir`` (safetensors only, no pickle): trainable
   tensors, AdamW moments, the best-so-far tensors, and a JSON with step, losses and a fingerprint of
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,7 @@ class TrainSettings:
     lr: float = 1e-4
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    schedule: str = "constant"     # after warmup: constant | cosine
+    schedule: str = "linear"       # after warmup: linear (decay to 0) | cosine | constant
     batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
@@ -90,14 +92,24 @@ def fingerprint(model, recipe: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def lr_at(step: int, s: TrainSettings) -> float:
-    warm = max(1, int(math.ceil(s.warmup_ratio * s.steps))) if s.warmup_ratio > 0 else 0
-    if step < warm:
-        return s.lr * (step + 1) / warm
-    if s.schedule == "cosine":
-        t = (step - warm) / max(1, s.steps - warm)
-        return s.lr * 0.5 * (1 + math.cos(math.pi * t))
-    return s.lr
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def warmup_steps(s: TrainSettings) -> int:
+    return max(1, int(math.ceil(s.warmup_ratio * s.steps))) if s.warmup_ratio > 0 else 0
+
+
+def make_scheduler(opt, s: TrainSettings, start: int = 0):
+    """transformers' scheduler for ``s.schedule``, advanced to step ``start`` (for resume)."""
+    from transformers import get_scheduler
+    if s.schedule not in SCHEDULES:
+        raise GiftError(f"schedule must be one of {', '.join(SCHEDULES)}, got {s.schedule!r}")
+    sched = get_scheduler(SCHEDULES[s.schedule], opt, num_warmup_steps=warmup_steps(s), num_training_steps=s.steps)
+    with warnings.catch_warnings():  # replaying steps without optimizer steps is intended here
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            sched.step()
+    return sched
 
 
 def batch_rows(step: int, micro: int, n: int, s: TrainSettings, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -268,6 +280,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
                                "val_losses": rep.val_losses, "best_step": rep.best_step, "best_val": rep.best_val,
                                "settings": asdict(s)}, work_dir)
 
+    sched = make_scheduler(opt, s, start)
     n = windows.shape[0]
     tokens_per_step = s.batch_size * s.grad_accum * world * windows.shape[1]
     bad_evals = 0
@@ -279,8 +292,6 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
                disable=not (s.progress and main))
     for step in bar:
         t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, s)
         torch.manual_seed((s.seed * 1_000_003 + step) * 1_009 + rank)  # noise seeds: a function of (seed, step, rank)
         loss_sum = 0.0
         for micro in range(s.grad_accum):
@@ -299,6 +310,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
         if s.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for _, p in names], s.max_grad_norm)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         rep.losses.append(loss_sum)
         dt = time.time() - t0
