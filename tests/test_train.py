@@ -367,3 +367,18 @@ def test_baseline_recipes_run(tmp_path, tiny_model_dir, method):
                    progress=False, device="cpu")
     assert s["steps"] == 4 and s["trainable_params"] > 0
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_eval_domains_are_disjoint_from_training_and_calibration(tmp_path, monkeypatch):
+    """Both held-out domains ship offline and share no document with the default train/calib text."""
+    from gift_quant.data import EVAL_DOMAINS, load_texts, load_train_texts
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path))
+    train_text = "\n".join(load_train_texts("train") + load_texts("bundled"))
+    for name in EVAL_DOMAINS:
+        docs = load_texts(name)
+        assert sum(len(d) for d in docs) > 40_000, name          # enough for 20 windows of 512 tokens
+        for d in docs:
+            probe = " ".join(d.split())[:300]
+            assert probe not in " ".join(train_text.split()), (name, probe[:60])
+    lic, idle = load_texts("licenses"), load_texts("idle")
+    assert not set(lic) & set(idle)
