@@ -341,16 +341,16 @@ def select_fp(model, samples, cfg, batch_size: int = 4) -> dict[str, torch.Tenso
     layers, prefix = decoder_layers(model)
     metric = cfg.resolved_metric()
     stats, handles, lins = {}, [], {}
+    dev = next(model.parameters()).device
     for li, layer in enumerate(layers):
         for n, lin in linears(layer, cfg.modules_not_converted).items():
             full = f"{prefix}.{li}.{n}"
             lins[full] = lin
-            stats[full] = ActivationStats(lin.in_features)
+            stats[full] = ActivationStats(lin.in_features, device=dev)  # on the model's device (CUDA too)
 
             def hook(_m, inp, _o, st=stats[full]):
                 st.add(inp[0].float())
             handles.append(lin.register_forward_hook(hook))
-    dev = next(model.parameters()).device
     try:
         for i in range(0, samples.shape[0], batch_size):
             model(samples[i:i + batch_size].to(dev), use_cache=False)

@@ -93,7 +93,15 @@ def main(argv=None):
     ap.add_argument("--command", default=None, help="with --from-json: the command that produced the results")
     ap.add_argument("--machine", default=None, help="with --from-json: the machine the results came from")
     ap.add_argument("--note", default="", help="extra sentence for the section (load, what is missing)")
+    ap.add_argument("--dump-texts", default=None, help="write this Python's built-in texts to DIR and exit")
+    ap.add_argument("--texts", default=None, help="use built-in texts dumped by --dump-texts (same text on "
+                    "another machine, e.g. a GPU host whose Python lacks idlelib)")
     a = ap.parse_args(argv)
+    if a.dump_texts:
+        dump_texts(Path(a.dump_texts))
+        return
+    if a.texts:
+        use_texts(Path(a.texts))
     if a.from_json:
         results = []
         for f in a.from_json.split(","):
@@ -165,6 +173,27 @@ def main(argv=None):
     dump()
     if not a.no_write:
         write_section(a, results, budget_line(a, seeds, evs), time.time() - t_start)
+
+
+def dump_texts(d: Path):
+    from gift_quant import data
+    d.mkdir(parents=True, exist_ok=True)
+    texts = {"topics-train": data._topics(False), "topics-heldout": data._topics(True),
+             "stdlib-docstrings": data.stdlib_docstrings(), **{k: load_texts(k) for k in EVAL_DOMAINS}}
+    for k, v in texts.items():
+        (d / f"{k}.json").write_text(json.dumps(v))
+
+
+def use_texts(d: Path):
+    """Point gift_quant.data's built-in sources at the dumped texts."""
+    from gift_quant import data
+
+    def read(k):
+        return json.loads((d / f"{k}.json").read_text())
+    data._topics = lambda heldout: read("topics-heldout" if heldout else "topics-train")
+    data.stdlib_docstrings = lambda min_chars=200: read("stdlib-docstrings")
+    data._idle_docs = lambda: read("idle")
+    data._license_texts = lambda: read("licenses")
 
 
 def budget_line(a, seeds, evs=None) -> str:
