@@ -53,13 +53,15 @@ def group_step(W: torch.Tensor, bits: int, group_size: int, sym: bool, salient_i
     if salient_idx is not None and salient_idx.numel():
         keep[salient_idx.long().to(W.device)] = False
     G = n_groups(in_f, group_size)
-    delta = torch.zeros(out_f, G, device=W.device)
-    for g in range(G):
-        cols = (gid == g) & keep
-        if cols.any():
-            s, _ = fit_params(W[:, cols], bits, sym, mse)
-            delta[:, g] = s[:, 0]
-    return delta, gid
+    gs = in_f if group_size <= 0 else group_size
+    # all groups in one fit: rows x groups become rows. A zero entry never changes the fit (the range
+    # always includes 0, and 0 is coded exactly), so salient columns and the last group's padding are 0.
+    Wp = torch.zeros(out_f, G * gs, device=W.device)
+    Wp[:, :in_f] = W * keep
+    s, _ = fit_params(Wp.view(out_f * G, gs), bits, sym, mse)
+    delta = s.view(out_f, G)
+    has_cols = torch.zeros(G, dtype=torch.bool, device=W.device).index_fill_(0, gid[keep], True)
+    return delta * has_cols, gid
 
 
 def stored_step(scales: torch.Tensor, g_idx: torch.Tensor, bits: int, noise_bits: int | None = None):

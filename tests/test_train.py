@@ -109,6 +109,9 @@ def test_pre_delta_comes_from_the_real_quantizer(bits, sym, gs):
     Wq = qw.dequantize(with_salient=True)
     err = (Wq - lin.weight.detach()).abs()
     assert (err <= g.delta[:, g.g_idx] / 2 + 1e-6).float().mean() > 0.9
+    if gs > 0:  # a group made only of salient columns gets no noise
+        g0 = GiftLinear.from_linear(lin, torch.arange(gs), bits, "gaussian", group_size=gs, sym=sym)
+        assert torch.all(g0.delta[:, 0] == 0) and torch.all(g0.delta[:, 1:] > 0)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
