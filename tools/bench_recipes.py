@@ -61,7 +61,7 @@ def budget_overrides(a) -> dict:
     return {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": 1, "seq_len": a.train_seq_len,
             "lr": a.lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
             "calib_seq_len": 512, "max_train_tokens": a.max_train_tokens, "eval_every": 0, "patience": 0,
-            "save_every": 0, "train_dataset": "train", "weight_decay": 0.0}
+            "save_every": 0, "train_dataset": "train", "weight_decay": 0.0, "method": a.quant_method}
 
 
 def evaluate(model, evs: dict, device) -> dict:
@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-train-tokens", type=int, default=400_000, help="tokens of training text tokenized")
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"],
+                    help="final quantizer (rtn: a cheap A/B on a slow machine; the table uses gptq)")
     ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of each held-out domain")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
