@@ -2,14 +2,15 @@
 
 Importing the package registers the ``gift_sw`` quantization method with transformers.
 """
-from .config import GiftConfig
-from .errors import GiftError
-from .nn import MixedPrecisionLinear
-from . import hf as _hf  # noqa: F401  (registration side effect)
-from .hf import load_checkpoint, prepare_for_training
-from .quantizer import GiftQuantizer, load_quantized_model
-
 __version__ = "0.1.0"
 
+from gift_quant.config import GiftConfig  # noqa: E402
+from gift_quant.errors import GiftError  # noqa: E402
+from gift_quant.nn import MixedPrecisionLinear  # noqa: E402
+from gift_quant.integrations import transformers as _hf  # noqa: E402,F401  (registration side effect)
+from gift_quant.integrations.transformers import load_checkpoint, prepare_for_training  # noqa: E402
+from gift_quant.integrations.optimum import GiftQuantizer, load_quantized_model  # noqa: E402
+from gift_quant.compress.api import quantize_  # noqa: E402
+
 __all__ = ["GiftConfig", "GiftError", "GiftQuantizer", "MixedPrecisionLinear", "load_checkpoint",
-           "load_quantized_model", "prepare_for_training", "__version__"]
+           "load_quantized_model", "prepare_for_training", "quantize_", "__version__"]

@@ -1,127 +1,120 @@
-"""``GiftConfig``: every setting of a compression run, validated, and JSON round-trippable.
+"""``GiftConfig``: every setting of a compression, declared once (type, default, range, help).
 
 It doubles as the transformers ``quantization_config`` (``quant_method = "gift_sw"``), so the same
-object configures the CLI, the Python API and ``from_pretrained``.
+object configures the CLI, the Python API, the recipes and ``from_pretrained``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .errors import GiftError
-from .quant import SUPPORTED_BITS
-from .saliency import GAMMAS, PRESETS, WEIGHT_MODES, parse_norm
+from gift_quant.core.quantizer import SUPPORTED_BITS
+from gift_quant.core.saliency import GAMMAS, PRESETS, WEIGHT_MODES, parse_norm
+from gift_quant.errors import GiftError
+from gift_quant.settings import saved_fields, setting, specs, validate
 
 QUANT_METHOD = "gift_sw"
 FORMAT = "gift_sw/1"
 METHODS = ("gptq", "rtn")
-# the paper's k = 128 on LLaMA-7B (in = 4096) is 1/32 of the columns: the same share caps k on small models
-DEFAULT_N_SALIENT = 128
-DEFAULT_SALIENT_RATIO = 1 / 32
 
 
-def _norm_str(v: float) -> str:
-    return "inf" if v == math.inf else str(int(v))
+def _group_size(v):
+    return None if v == -1 or v >= 1 else f"must be -1 (per row) or a positive int, got {v!r}"
 
 
+def _metric(v):
+    return None if v in PRESETS else f"unknown metric {v!r}; choose one of {', '.join(PRESETS)}"
+
+
+def _norm(v):
+    try:
+        parse_norm(v)
+    except GiftError:
+        return f"must be 1, 2 or inf, got {v!r}"
+    return None
+
+
+def _format(v):
+    return None if v == FORMAT else f"unsupported checkpoint format {v!r} (this version reads {FORMAT!r})"
+
+
+@dataclasses.dataclass(repr=False)
 class GiftConfig(QuantizationConfigMixin):
     """Settings of a GIFT-SW compression (and the ``quantization_config`` of a saved checkpoint).
 
     k per Linear is ``min(n_salient, round(salient_ratio * in_features))``; either may be None.
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, desc_act: bool = True,
-                 n_salient: int | None = DEFAULT_N_SALIENT, salient_ratio: float | None = DEFAULT_SALIENT_RATIO,
-                 metric: str = "gift", metric_tau=None, metric_rho=None, metric_gamma=None,
-                 metric_weight: str | None = None, method: str = "gptq", damp_percent: float = 0.01,
-                 block_size: int = 128, mse_clip: bool = True, true_sequential: bool = False, recipe: str = "none",
-                 modules_not_converted: list[str] | None = None, dataset: Any = None,
-                 calib_samples: int = 64, seq_len: int = 512, seed: int = 0,
-                 salient_counts: dict[str, int] | None = None, format: str = FORMAT,
-                 quant_method: str = QUANT_METHOD, **kwargs):
+    quant_method: str = setting(QUANT_METHOD, "transformers quantization method", recipe=False)
+    bits: int = setting(4, "bits of the quantized base", choices=SUPPORTED_BITS, flag="--bits")
+    group_size: int = setting(128, "columns per scale group, -1 for per row", check=_group_size, flag="--group-size")
+    sym: bool = setting(False, "symmetric quantization (default asym)", flag="--sym")
+    desc_act: bool = setting(True, "act-order: quantize columns by descending Hessian diagonal",
+                             flag="--no-act-order")
+    # the paper's k = 128 on LLaMA-7B (in = 4096) is 1/32 of the columns: the same share caps k on small models
+    n_salient: int = setting(128, "FP16 columns per Linear (0: plain GPTQ)", types=(int,), lo=0, nullable=True,
+                             flag="--salient")
+    salient_ratio: float = setting(1 / 32, "FP16 columns as a share of in_features", types=(float,), lo=0, hi=1,
+                                   nullable=True, flag="--salient-ratio")
+    metric: str = setting("gift", "salient-column metric: gift, owq, wanda or quik", check=_metric, flag="--metric")
+    metric_tau: str = setting(None, "norm over rows of D: 1, 2 or inf", types=(str, int, float), nullable=True,
+                              check=_norm, flag="--metric-tau")
+    metric_rho: str = setting(None, "norm over tokens of X: 1, 2 or inf", types=(str, int, float), nullable=True,
+                              check=_norm, flag="--metric-rho")
+    metric_gamma: float = setting(None, "power of the activation norm: 0.5, 1 or 2", types=(float,), nullable=True,
+                                  choices=GAMMAS, flag="--metric-gamma")
+    metric_weight: str = setting(None, "D = W - Q(W) (error), W (raw), or 1 (none)", types=(str,), nullable=True,
+                                 choices=WEIGHT_MODES, flag="--metric-weight")
+    method: str = setting("gptq", "gptq or rtn", choices=METHODS, flag="--method")
+    damp_percent: float = setting(0.01, "GPTQ damping, a share of the mean Hessian diagonal", lo=0, hi=1,
+                                  lo_open=True, hi_open=True, flag="--damp-percent")
+    block_size: int = setting(128, "GPTQ columns per lazy-update block", lo=1, flag="--block-size")
+    mse_clip: bool = setting(True, "search the clipping range per row (MSE)", flag="--no-mse-clip")
+    # off by default: measured no gain with FP16 columns (3 bits: 40.96 -> 41.01) for 40% more time; it helps
+    # at k = 0 (BENCHMARKS.md, true-sequential A/B and the GPTQModel head-to-head)
+    true_sequential: bool = setting(False, "quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
+                                           "quantized stages before it (as GPTQModel; slower)",
+                                    flag="--true-sequential")
+    recipe: str = setting("none", "the recipe that produced the checkpoint (recorded, not read)", recipe=False)
+    modules_not_converted: list = setting(["lm_head"], "module names (or prefixes, or suffixes after a dot) "
+                                                       "kept in float")
+    dataset: Any = setting(None, "calibration text: bundled (default), a .txt/.jsonl/.json/.parquet file, a "
+                                 "folder or a hub name", types=(object,), flag="--dataset")
+    calib_samples: int = setting(64, "calibration windows", lo=1, flag="--calib-samples")
+    seq_len: int = setting(512, "tokens per calibration window", lo=1, flag="--seq-len")
+    seed: int = setting(0, "seed of the calibration sample and of training", flag="--seed")
+    salient_counts: dict = setting({}, "filled by compression: k per module (loading builds shapes from it)",
+                                   recipe=False)
+    format: str = setting(FORMAT, "checkpoint format", check=_format, recipe=False)
+    tokenizer: Any = setting(None, "quantize-on-load: a tokenizer or its path (default: the model's)",
+                             types=(object,), runtime=True, recipe=False)
+    progress: bool = setting(False, "quantize-on-load: show progress bars", runtime=True, recipe=False)
+
+    def __post_init__(self):
         self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = group_size
-        self.sym = sym
-        self.desc_act = desc_act
-        self.n_salient = n_salient
-        self.salient_ratio = salient_ratio
-        self.metric = metric
-        self.metric_tau = metric_tau
-        self.metric_rho = metric_rho
-        self.metric_gamma = metric_gamma
-        self.metric_weight = metric_weight
-        self.method = method
-        self.damp_percent = damp_percent
-        self.block_size = block_size
-        self.mse_clip = mse_clip
-        # quantize a layer's Linears stage by stage (q/k/v, o, gate/up, down), each stage calibrated on the
-        # outputs of the already-quantized stages before it (as GPTQModel does). Off by default: measured
-        # no gain with FP16 columns (3 bits: 40.96 -> 41.01) for 40% more time; it helps at k = 0
-        # (BENCHMARKS.md, true-sequential A/B and the GPTQModel head-to-head).
-        self.true_sequential = true_sequential
-        self.recipe = recipe
-        self.modules_not_converted = list(modules_not_converted) if modules_not_converted is not None else ["lm_head"]
-        self.dataset = dataset
-        self.calib_samples = calib_samples
-        self.seq_len = seq_len
-        self.seed = seed
-        # filled in by compression: the k actually used per module name (loading builds shapes from it)
-        self.salient_counts = dict(salient_counts) if salient_counts else {}
-        self.format = format
-        for key, value in kwargs.items():  # keep unknown keys from newer writers instead of dropping them
-            setattr(self, key, value)
+        self.modules_not_converted = list(self.modules_not_converted)
+        self.salient_counts = dict(self.salient_counts or {})
         self.post_init()
 
     def post_init(self):
-        def bad(field, msg):
-            raise GiftError(f"GiftConfig.{field}: {msg}")
-
-        if self.bits not in SUPPORTED_BITS:
-            bad("bits", f"must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or \
-                not (self.group_size == -1 or self.group_size >= 1):
-            bad("group_size", f"must be -1 (per row) or a positive int, got {self.group_size!r}")
-        for f in ("sym", "desc_act", "mse_clip", "true_sequential"):
-            if not isinstance(getattr(self, f), bool):
-                bad(f, f"must be true or false, got {getattr(self, f)!r}")
-        if self.n_salient is not None and (not isinstance(self.n_salient, int) or isinstance(self.n_salient, bool)
-                                           or self.n_salient < 0):
-            bad("n_salient", f"must be a non-negative int or None, got {self.n_salient!r}")
-        if self.salient_ratio is not None and (not isinstance(self.salient_ratio, (int, float))
-                                               or isinstance(self.salient_ratio, bool)
-                                               or not 0 <= self.salient_ratio <= 1):
-            bad("salient_ratio", f"must be a number in [0, 1] or None, got {self.salient_ratio!r}")
-        if self.metric not in PRESETS:
-            bad("metric", f"unknown metric {self.metric!r}; choose one of {', '.join(PRESETS)}")
-        for f in ("metric_tau", "metric_rho"):
+        validate(self, "GiftConfig")
+        for f in ("metric_tau", "metric_rho"):  # one spelling in saved configs
             v = getattr(self, f)
             if v is not None:
-                try:
-                    setattr(self, f, _norm_str(parse_norm(v)))
-                except GiftError:
-                    bad(f, f"must be 1, 2 or inf, got {v!r}")
-        if self.metric_gamma is not None and self.metric_gamma not in GAMMAS:
-            bad("metric_gamma", f"must be one of {GAMMAS}, got {self.metric_gamma!r}")
-        if self.metric_weight is not None and self.metric_weight not in WEIGHT_MODES:
-            bad("metric_weight", f"must be one of {WEIGHT_MODES}, got {self.metric_weight!r}")
-        if self.method not in METHODS:
-            bad("method", f"must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.damp_percent, (int, float)) or not 0 < self.damp_percent < 1:
-            bad("damp_percent", f"must be in (0, 1), got {self.damp_percent!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            bad("block_size", f"must be a positive int, got {self.block_size!r}")
-        for f in ("calib_samples", "seq_len"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(f, f"must be a positive int, got {v!r}")
-        if not isinstance(self.modules_not_converted, list):
-            bad("modules_not_converted", "must be a list of module names")
-        if self.format != FORMAT:
-            bad("format", f"unsupported checkpoint format {self.format!r} (this version reads {FORMAT!r})")
+                p = parse_norm(v)
+                setattr(self, f, "inf" if p == math.inf else str(int(p)))
+        if self.metric_gamma is not None:
+            self.metric_gamma = float(self.metric_gamma)
+
+    def is_converted(self, name: str) -> bool:
+        """The one exclusion rule: a module stays float when ``modules_not_converted`` names it, one of
+        its parents (a prefix), or its last components (a suffix after a dot)."""
+        return not any(name == m or name.endswith("." + m) or name.startswith(m + ".")
+                       for m in self.modules_not_converted)
 
     def salient_for(self, in_features: int, name: str | None = None) -> int:
         """Number of FP16 columns for a Linear with ``in_features`` inputs."""
@@ -139,19 +132,23 @@ class GiftConfig(QuantizationConfigMixin):
         return k
 
     def resolved_metric(self):
-        from .saliency import resolve_metric
+        from gift_quant.core.saliency import resolve_metric
         return resolve_metric(self.metric, self.metric_tau, self.metric_rho, self.metric_gamma, self.metric_weight)
 
     def to_dict(self) -> dict[str, Any]:
-        d = copy.deepcopy({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        extra = {k: v for k, v in self.__dict__.items() if k not in specs(type(self)) and not k.startswith("_")}
+        d = copy.deepcopy({**saved_fields(self), **extra})
         if not isinstance(d.get("dataset"), (str, type(None))):
             d["dataset"] = None  # in-memory datasets are not serializable; the checkpoint does not need them
         return d
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        cfg = cls(**{**config_dict, **kwargs})
+        """Keys this version does not know (from a newer writer) are kept as attributes, not dropped."""
+        d = {**config_dict, **kwargs}
+        known = specs(cls)
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        for k, v in d.items():
+            if k not in known:
+                setattr(cfg, k, v)
         return (cfg, {}) if return_unused_kwargs else cfg
-
-    def replace(self, **changes) -> "GiftConfig":
-        return GiftConfig(**{**self.to_dict(), **changes})

@@ -23,7 +23,7 @@ results; the plot is drawn at the end when matplotlib is importable.
     python3 tools/bench_e2e.py --part a --model FILE.gguf --out OUT [--calib-samples 32] [--checkpoints DIR ...]
 
 Compiled configurations cost the inductor compile of the whole decode step (once per variant and batch
-size) and, on a fresh machine, the CUDA kernel's JIT build comes first: see ``kernel_build_s`` and
+size) and, with GIFT_QUANT_KERNEL=cuda on a fresh machine, the C++ kernel's JIT build comes first: see ``kernel_build_s`` and
 ``config_s`` in the JSON to plan a run.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant import bench  # noqa: E402
+from gift_quant.eval import bench  # noqa: E402
 from gift_quant.errors import GiftError  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
 
@@ -93,7 +93,7 @@ def drop_compiled(model):
     for attr in ("_compiled_call", "_last_compile_config"):
         model.__dict__.pop(attr, None)
     for m in model.modules():
-        m.__dict__.pop("_gift_cuda_prepared", None)
+        m.__dict__.pop("_gift_kernel_cache", None)
     try:
         torch._dynamo.reset()  # also frees the CUDA graph pools
     except Exception:  # noqa: BLE001
@@ -228,7 +228,7 @@ def build_b(a, bits: int | None, device, dtype):
 
 
 def eval_texts():
-    from gift_quant.data import load_texts
+    from gift_quant.io.data import load_texts
     try:
         return "idle", load_texts("idle")
     except (GiftError, ImportError):  # idlelib is a separate distro package on some systems
@@ -238,9 +238,9 @@ def eval_texts():
 def prepare_a(a, device, dtype, budget: Budget) -> tuple[list[dict], dict]:
     """Part a variants as CPU models: FP16, then compressed (here or from --checkpoints)."""
     from gift_quant.config import GiftConfig
-    from gift_quant.data import eval_windows
-    from gift_quant.evaluate import perplexity
-    from gift_quant.model_io import load_model
+    from gift_quant.io.data import eval_windows
+    from gift_quant.eval.perplexity import perplexity
+    from gift_quant.io.model_io import load_model
 
     t = time.time()
     fp, tok = load_model(a.model, dtype=torch.float32)
@@ -266,7 +266,7 @@ def prepare_a(a, device, dtype, budget: Budget) -> tuple[list[dict], dict]:
                      "size_source": "state_dict", "ppl": ppl(base)})
     log(f"fp16: ppl {variants[0]['ppl']}")
     if a.checkpoints:
-        from gift_quant.hf import load_checkpoint
+        from gift_quant.integrations.transformers import load_checkpoint
         for path in a.checkpoints:
             m, _ = load_checkpoint(path, dtype=dtype)
             bits = m.config.quantization_config.bits if hasattr(m.config.quantization_config, "bits") else \
@@ -282,7 +282,7 @@ def prepare_a(a, device, dtype, budget: Budget) -> tuple[list[dict], dict]:
                 log(f"gift-{bits}bit: compression skipped (time budget)")
                 variants.append({"name": f"gift-{bits}bit", "bits": bits, "model": None, "skipped": True})
                 continue
-            from gift_quant.api import quantize_
+            from gift_quant.compress.api import quantize_
             m = copy.deepcopy(fp)
             cfg = GiftConfig(bits=bits, group_size=a.group_size, calib_samples=a.calib_samples, seq_len=a.seq_len)
             t = time.time()
@@ -332,7 +332,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], profiles: dict, final
           "mode=reduce-overhead on CUDA); prefill runs eager.",
           "Size: the state dict with float tensors at 2 bytes (FP16 storage), or the checkpoint's "
           "safetensors on disk (`size_source` in the JSON).",
-          f"CUDA kernel: {meta.get('kernel_status')}.", ""]
+          f"Kernel: {meta.get('kernel_status')}.", ""]
     for part in ("a", "b"):
         pr = [r for r in rows if r["part"] == part]
         if not pr:
@@ -420,7 +420,8 @@ def main(argv=None) -> int:
     if a.compile_estimate is None:
         a.compile_estimate = 90.0 if device.type == "cuda" else 0.0
 
-    from gift_quant.kernels import build, prepare_model
+    from gift_quant.kernels import build
+    from gift_quant.nn.dispatch import prepare_model, requested_backend
     meta = {"argv": sys.argv[1:] if argv is None else list(argv), "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -438,15 +439,18 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     t = time.time()
-    if device.type == "cuda":
-        log("building / loading the CUDA kernel (first use: about a minute or more) ...")
-    ext = build.extension()
-    if device.type == "cuda":
+    backend = requested_backend()
+    meta["backend"] = backend
+    if device.type == "cuda" and backend == "cuda":
+        log("building / loading the C++ kernel (first use: about a minute or more) ...")
+        ext = build.extension()
         meta["kernel_build_s"] = time.time() - t
-        meta["kernel_status"] = "built" if ext is not None else f"unavailable ({build.unavailable_reason()})"
+        meta["kernel_status"] = "C++ built" if ext is not None else f"C++ unavailable ({build.unavailable_reason()})"
+        meta["kernel_unavailable_reason"] = build.unavailable_reason()
+    elif device.type == "cuda":
+        meta["kernel_status"] = f"GIFT_QUANT_KERNEL={backend} ({'Triton' if backend == 'auto' else backend})"
     else:
         meta["kernel_status"] = f"not used on {device.type} (PyTorch path)"
-    meta["kernel_unavailable_reason"] = build.unavailable_reason()
     if device.type != "cuda":
         meta["notes"].append("on CPU, peak memory is the process's peak RSS (it never goes down), so its "
                              "ratios mean nothing; the CPU path dequantizes every layer (no kernel)")
@@ -506,7 +510,7 @@ def main(argv=None) -> int:
                 build_cost[part] = max(build_cost.get(part, 0.0), build_s)
                 base.update(build_s=build_s, mixed_layers=n_mixed(model), kernel_layers=n_kernel)
                 log(f"{label}: ready in {build_s:.1f} s ({base['mixed_layers']} mixed-precision Linears, "
-                    f"{n_kernel} on the CUDA kernel, {base['size_mib']:.1f} MiB)")
+                    f"{n_kernel} on a kernel, {base['size_mib']:.1f} MiB)")
                 if a.profile and mode == "eager":
                     try:
                         p = profile_decode(model, model.config.vocab_size, device, a.prompt_len)

@@ -2,7 +2,7 @@
 
 Builds a random-weight ``LlamaForCausalLM`` (default: the LLaMA-2-7B shape, 32 layers, hidden 4096,
 intermediate 11008, 32 heads, vocab 32000) on CPU in fp16, then runs gift's layer-by-layer compression
-(:func:`gift_quant.pipeline.compress_model`): the model stays on CPU and one decoder layer at a time
+(:func:`gift_quant.compress.pipeline.compress_model`): the model stays on CPU and one decoder layer at a time
 moves to ``--device``; calibration activations stay on the device when they fit (``--activations auto``)
 or are offloaded to CPU (``--activations cpu``). Calibration: ``--samples`` random-token windows of
 ``--seq-len`` tokens. Reports ``torch.cuda.max_memory_allocated()`` / ``max_memory_reserved()`` over the
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant import pipeline  # noqa: E402
+from gift_quant.compress import pipeline  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.data import calibration_samples, eval_windows, load_texts  # noqa: E402
-from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.model_io import load_model  # noqa: E402
-from gift_quant.pipeline import compress_model  # noqa: E402
+from gift_quant.io.data import calibration_samples, eval_windows, load_texts  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
+from gift_quant.compress.pipeline import compress_model  # noqa: E402
 
 
 def write_section(name: str, body: str, path: Path = ROOT / "BENCHMARKS.md"):

@@ -37,10 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant.data import EVAL_DOMAINS, eval_windows, load_texts  # noqa: E402
-from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.model_io import load_model  # noqa: E402
-from gift_quant.recipes import load_recipe, run_recipe  # noqa: E402
+from gift_quant.io.data import EVAL_DOMAINS, eval_windows, load_texts  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
+from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
 METHODS = ("fp", "none", "post", "post-noise", "pre", "pre-nonoise", "ste", "lora")
@@ -58,9 +58,10 @@ def machine() -> str:
 
 def budget_overrides(a) -> dict:
     """The one training budget every method gets (explicit, so no cpu/gpu recipe section differs)."""
-    return {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": 1, "seq_len": a.train_seq_len,
+    return {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": 1, "train_seq_len": a.train_seq_len,
             "lr": a.lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
-            "calib_seq_len": 512, "max_train_tokens": a.max_train_tokens, "eval_every": 0, "patience": 0,
+            "seq_len": 512, "dataset": "bundled", "max_train_tokens": a.max_train_tokens, "eval_every": 0,
+            "patience": 0,
             "save_every": 0, "train_dataset": "train", "weight_decay": 0.0, "method": a.quant_method}
 
 
@@ -148,8 +149,8 @@ def main(argv=None):
                                 shutil.copy(stage / f, work / f)
                     t0 = time.time()
                     try:
-                        s = run_recipe(r, copy.deepcopy(model0), tok, work_dir=work, resume=True, progress=False,
-                                       device=device)
+                        res = run_recipe(r, copy.deepcopy(model0), tok, work_dir=work, resume=True, progress=False,
+                                         device=device)
                     except Exception as e:  # one failing method must not lose the others' results
                         print(f"{m} bits={bits} seed={seed} FAILED: {type(e).__name__}: {e}", flush=True)
                         results.append({"method": m, "bits": bits, "seed": seed, "error": f"{type(e).__name__}: {e}"})
@@ -160,8 +161,8 @@ def main(argv=None):
                             if (work / f).exists():
                                 shutil.copy(work / f, stage / f)
                     shutil.rmtree(work, ignore_errors=True)
-                    tr = s.get("_train_report")
-                    row = {"method": m, "bits": bits, "seed": seed, "ppl": evaluate(s["_model"], evs, device),
+                    s, tr = res.summary, res.train_report
+                    row = {"method": m, "bits": bits, "seed": seed, "ppl": evaluate(res.model, evs, device),
                            "bpw": s.get("bits_per_weight"), "trainable": tr.trainable_params if tr else 0,
                            "step_s": tr.step_seconds if tr else None, "peak_mb": tr.peak_memory_mb if tr else None,
                            "steps": tr.steps_done if tr else 0, "seconds": time.time() - t0,
@@ -169,7 +170,7 @@ def main(argv=None):
                     results.append(row)
                     print(json.dumps(row), flush=True)
                     dump()
-                    del s
+                    del s, res
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
     dump()
@@ -178,7 +179,7 @@ def main(argv=None):
 
 
 def dump_texts(d: Path):
-    from gift_quant import data
+    from gift_quant.io import data
     d.mkdir(parents=True, exist_ok=True)
     texts = {"topics-train": data._topics(False), "topics-heldout": data._topics(True),
              "stdlib-docstrings": data.stdlib_docstrings(), **{k: load_texts(k) for k in EVAL_DOMAINS}}
@@ -187,8 +188,8 @@ def dump_texts(d: Path):
 
 
 def use_texts(d: Path):
-    """Point gift_quant.data's built-in sources at the dumped texts."""
-    from gift_quant import data
+    """Point gift_quant.io.data's built-in sources at the dumped texts."""
+    from gift_quant.io import data
 
     def read(k):
         return json.loads((d / f"{k}.json").read_text())

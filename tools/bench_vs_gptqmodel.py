@@ -4,8 +4,8 @@ gift-quant at k = 0 (plain GPTQ), same calibration windows, bits, group size 128
 damping 0.01, no clip search; held-out perplexity and quantization wall time side by side.
 
 Both checkpoints are evaluated through the same code: the GPTQModel checkpoint is imported with
-``gift_quant.gptq_interop.import_gptq`` (bit-exact; tests/test_gptq_interop.py checks the logits against
-GPTQModel's own TorchLinear) and run through ``gift_quant.evaluate.perplexity`` in fp32.
+``gift_quant.integrations.gptq.import_gptq`` (bit-exact; tests/integrations/test_gptq_interop.py checks the logits against
+GPTQModel's own TorchLinear) and run through ``gift_quant.eval.perplexity`` in fp32.
 
     pip install --no-deps gptqmodel==7.7.0 optimum pypcre logbar device-smi tokenicer defuser pillow threadpoolctl
     GPTQMODEL_CPU_WORKERS=2 python tools/bench_vs_gptqmodel.py --bits 2,3,4
@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.data import calibration_samples, eval_windows, load_texts  # noqa: E402
-from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.model_io import load_model  # noqa: E402
-from gift_quant.pipeline import compress_model  # noqa: E402
+from gift_quant.io.data import calibration_samples, eval_windows, load_texts  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
+from gift_quant.compress.pipeline import compress_model  # noqa: E402
 
 
 def run_gptqmodel(fp_dir: Path, out_dir: Path, calib: torch.Tensor, bits: int, group_size: int, damp: float,
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     import gptqmodel
-    from gift_quant.gptq_interop import import_gptq
+    from gift_quant.integrations.gptq.convert import import_gptq
     from transformers import AutoModelForCausalLM
 
     bits_list = [int(b) for b in a.bits.split(",")]
@@ -131,7 +131,7 @@ def main():
              f"true-sequential {'off' if a.no_true_sequential else 'on'} on both. "
              f"Perplexity on `idle` ({ev.shape[0]} x 512 tokens, never used for calibration); both checkpoints are "
              "evaluated by the same fp32 code (the GPTQModel checkpoint imported bit-exactly with "
-             "`gift_quant.gptq_interop`). Time = the quantization call only (GPTQModel `quantize()`, gift "
+             "`gift_quant.integrations.gptq`). Time = the quantization call only (GPTQModel `quantize()`, gift "
              "`compress_model`, both including packing), wall-clock on a shared machine: indicative only. "
              f"FP perplexity {fp:.3f} (the model ships as Q4_1 GGUF, so 4-bit results look better than they "
              "would on a true FP16 model).", "",

@@ -6,7 +6,7 @@
   codes of a :class:`MixedPrecisionLinear` for ``post``. Its salient columns are zero, so the FP
   columns live only in ``salient_weight``: nothing is stored twice.
 - ``salient_weight`` [out, k] is the only trainable tensor (fp32 master copy).
-- In training mode each forward adds quantization noise (:mod:`gift_quant.noise`) to the non-salient
+- In training mode each forward adds quantization noise (:mod:`gift_quant.core.noise`) to the non-salient
   columns, std half the quantizer's step of each group (``delta`` [out, G], ``g_idx`` [in]), freshly
   sampled per call from a seed drawn from torch's global RNG. The backward pass
   regenerates the same noise from that seed instead of keeping a perturbed copy of the weight.
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import noise as qni
-from ..errors import GiftError
+from gift_quant.core import noise as qni
+from gift_quant.errors import GiftError
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -167,15 +167,3 @@ class GiftLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.salient_idx.numel()}, "
                 f"mode={self.mode}, noise={self.noise}@{self.noise_bits}bit")
-
-
-def swap_modules(model: nn.Module, fn, kinds) -> dict[str, nn.Module]:
-    """Replace every submodule of a type in ``kinds`` by ``fn(name, module)``; returns the new ones."""
-    out = {}
-    for name, m in list(model.named_modules()):
-        if isinstance(m, kinds):
-            new = fn(name, m)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            out[name] = new
-    return out

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import GiftError
-from .mixed_linear import MixedPrecisionLinear
+from gift_quant.errors import GiftError
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
 try:
     from peft.tuners.lora.layer import LoraLayer

@@ -3,15 +3,16 @@
     y = x @ dequant(qweight)^T + x[:, salient_idx] @ salient_weight^T (+ bias)
 
 The salient slots of the base hold the zero-point, so they dequantize to exactly 0 and the base alone
-is a valid GPTQ v2 tensor set. Buffer names equal the checkpoint keys (DESIGN.md section 2).
+is a valid GPTQ v2 tensor set. Buffer names equal the checkpoint keys (README, checkpoint format).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
-from ..quant import n_groups
+from ..core.packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
+from ..core.quantizer import n_groups
+from .dispatch import mixed_linear_forward
 
 
 class MixedPrecisionLinear(nn.Module):
@@ -39,7 +40,7 @@ class MixedPrecisionLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None = None, group_size: int = -1,
                        dtype: torch.dtype = torch.float16) -> "MixedPrecisionLinear":
-        """Pack a :class:`gift_quant.gptq.QuantizedWeight`."""
+        """Pack a :class:`gift_quant.core.gptq.QuantizedWeight`."""
         out_f, in_f = qw.codes.shape
         m = cls(in_f, out_f, qw.bits, group_size, qw.salient_idx.numel(), bias is not None, dtype)
         m.qweight.copy_(pack_qweight(qw.codes.round().to(torch.int32).cpu(), qw.bits))
@@ -106,8 +107,7 @@ class MixedPrecisionLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import mixed_linear
-        return mixed_linear(x, self)
+        return mixed_linear_forward(x, self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -1,0 +1,1 @@
+"""Measuring a model: held-out perplexity and the deployment benchmark."""

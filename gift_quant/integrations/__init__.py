@@ -1,0 +1,1 @@
+"""Other libraries' entry points: transformers, Optimum-style, PEFT, GPTQ checkpoints, lm-eval."""

@@ -1,0 +1,1 @@
+"""Files: loading models and text, writing checkpoints atomically, manifests."""
