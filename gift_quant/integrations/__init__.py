@@ -1,0 +1,1 @@
+"""Bridges to other libraries (transformers, vLLM, ...); each submodule imports its library lazily."""
