@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...config import QUANT_METHOD  # noqa: F401
+from ...config import QUANT_METHOD, GiftConfig  # noqa: F401
+from ...errors import GiftError  # noqa: F401
+from ...hf import _skip as skip_module  # noqa: F401  (the project's one modules_not_converted rule)
 from ...packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros  # noqa: F401
 from ...quant import SUPPORTED_BITS, n_groups  # noqa: F401
 

@@ -1,0 +1,148 @@
+"""Serving gift checkpoints through vLLM (CPU backend): greedy tokens and logprobs against transformers.
+
+Runs only where vLLM is importable (CI's separate vllm venv, see .ci/run); skipped in the main venv.
+"""
+import gc
+import os
+
+import pytest
+import torch
+
+for _k, _v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(_k, _v)
+vllm = pytest.importorskip("vllm")
+
+from gift_quant.config import GiftConfig  # noqa: E402
+from gift_quant.export import save_checkpoint  # noqa: E402
+from gift_quant.hf import load_checkpoint  # noqa: E402
+from gift_quant.integrations.vllm import register  # noqa: E402
+from gift_quant.pipeline import compress_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+NEW_TOKENS = 32
+
+
+def _tiny_llama(seed=0):
+    # head_dim 32: the smallest the CPU attention backend takes; a sharp head so greedy has no near-ties
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False,
+                      bos_token_id=None, eos_token_id=None)  # no EOS: every run makes all its tokens
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+def _prompts(vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 12)]
+
+
+def _hf_greedy(path, prompts):
+    """Greedy tokens and the logprob of each chosen token, from transformers in fp32."""
+    model, _ = load_checkpoint(path, dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
+    out = []
+    for p in prompts:
+        g = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        toks = g.sequences[0, len(p):].tolist()
+        lps = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(g.scores, toks)]
+        out.append((toks, lps))
+    return out
+
+
+def _layout(model):
+    """Per gift layer: (vLLM name, parts, dtypes); and whether any float weight was materialized."""
+    from gift_quant.integrations.vllm.method import GiftShard
+    layers = {n: [s for s in m.gift_shards] for n, m in model.named_modules() if hasattr(m, "gift_shards")}
+    assert layers and all(isinstance(s, GiftShard) and s.qweight.dtype == torch.int32
+                          for shards in layers.values() for s in shards)
+    dense = [n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+    return {n.rsplit(".", 1)[-1]: len(s) for n, s in layers.items()}, dense
+
+
+def _vllm_greedy(path, prompts, layout=None, **kw):
+    llm = vllm.LLM(model=str(path), dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
+                   max_model_len=128, max_num_seqs=4, seed=0, **kw)
+    if layout is not None:
+        layout.extend(llm.apply_model(_layout))
+    sp = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0, detokenize=False)
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    out = [(list(r.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)])
+           for r in res]
+    del llm
+    gc.collect()
+    return out
+
+
+def _compare(hf, vl):
+    for (ht, hl), (vt, vlp) in zip(hf, vl):
+        assert vt == ht, f"greedy tokens differ: vLLM {vt} vs transformers {ht}"
+        assert len(vt) == NEW_TOKENS
+        assert max(abs(a - b) for a, b in zip(hl, vlp)) < 1e-3
+
+
+def test_register_is_idempotent():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    register()
+    register()
+    assert QUANTIZATION_METHODS.count("gift_sw") == 1
+    assert get_quantization_config("gift_sw").__name__ == "GiftVllmConfig"
+
+
+def test_entry_point_declared_when_installed():
+    from importlib.metadata import PackageNotFoundError, distribution, entry_points
+    try:
+        distribution("gift-quant")
+    except PackageNotFoundError:
+        pytest.skip("gift-quant is not installed in this venv (PYTHONPATH only)")
+    eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "gift_sw"]
+    assert len(eps) == 1 and eps[0].value == "gift_quant.integrations.vllm:register"
+    eps[0].load()()  # what vLLM's plugin loader does in every process
+
+
+def test_g_idx_is_kept_by_the_weight_mapper():
+    from gift_quant.integrations.vllm.method import GiftVllmConfig
+    cfg = GiftVllmConfig.from_config(GiftConfig(bits=3).to_dict())
+    assert list(cfg.get_checkpoint_weight_mapper().apply([("a.q_proj.g_idx", torch.zeros(1))]))[0][0] == "a.q_proj.g_idx"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    register()  # the test process may run from a PYTHONPATH checkout, where no entry point exists
+
+
+# (bits, act-order): act-order gives each of q/k/v its own g_idx (parts run separately);
+# without it the parts share g_idx and merge into one packed layer
+@pytest.mark.parametrize("bits,act", [(2, True), (3, True), (4, True), (4, False)])
+def test_tiny_llama_matches_transformers(tmp_path, bits, act):
+    model = _tiny_llama()
+    calib = torch.randint(3, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    cfg = GiftConfig(bits=bits, group_size=32, desc_act=act, n_salient=6, salient_ratio=None)
+    compress_model(model, calib, cfg, progress=False)
+    save_checkpoint(model, None, tmp_path)
+    prompts = _prompts(256)
+    layout = []
+    _compare(_hf_greedy(tmp_path, prompts), _vllm_greedy(tmp_path, prompts, layout))
+    parts, dense = layout[0]
+    assert not dense, f"float weights materialized: {dense}"  # the weights stay packed
+    assert set(parts) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    # act-order: q/k/v and gate/up pick different FP16 columns, so different g_idx: one part each;
+    # without act-order they share g_idx and merge into one packed layer
+    assert (parts["qkv_proj"], parts["gate_up_proj"]) == ((3, 2) if act else (1, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bundled_smollm2_matches_transformers(tmp_path, bits):
+    from gift_quant.data import calibration_samples, load_texts
+    from gift_quant.model_io import load_model
+    model, tok = load_model(None)
+    calib = calibration_samples(load_texts("bundled"), tok, 8, 128)
+    compress_model(model, calib, GiftConfig(bits=bits, desc_act=True), progress=False)
+    save_checkpoint(model, tok, tmp_path)
+    prompts = [tok("The Python language reference says that")["input_ids"],
+               tok("def fibonacci(n):")["input_ids"]]
+    _compare(_hf_greedy(tmp_path, prompts), _vllm_greedy(tmp_path, prompts))
