@@ -22,16 +22,42 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 NEW_TOKENS = 32
 
 
-def _tiny_llama(seed=0):
+def _tiny_llama(seed=0, bias=False):
     # head_dim 32: the smallest the CPU attention backend takes; a sharp head so greedy has no near-ties
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False,
+                      attention_bias=bias, mlp_bias=bias,
                       bos_token_id=None, eos_token_id=None)  # no EOS: every run makes all its tokens
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         m.lm_head.weight.mul_(20)
+        for name, p in m.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
     return m
+
+
+def _checkpoint(path, bits, act, bias=False):
+    model = _tiny_llama(bias=bias)
+    calib = torch.randint(3, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    cfg = GiftConfig(bits=bits, group_size=32, desc_act=act, n_salient=6, salient_ratio=None)
+    # fixed, different FP16 columns per Linear (odd places: first, last, neighbours), so merged q/k/v and
+    # gate/up parts never share their columns
+    g = torch.Generator().manual_seed(bits)
+    salient = {n: torch.cat([torch.tensor([0, m.in_features - 1]), 1 + torch.randperm(m.in_features - 2, generator=g)[:4]])
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    compress_model(model, calib, cfg, progress=False, salient=salient)
+    save_checkpoint(model, None, path)
+    return path
+
+
+def _mergeable(path, first, rest):
+    """Whether the checkpoint's parts of one merged vLLM layer share g_idx (then they merge into one)."""
+    from safetensors.torch import load_file
+    sd = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}
+    g = [sd[f"model.layers.0.{p}.g_idx"] for p in (first, *rest)]
+    return all(torch.equal(x, g[0]) for x in g)
 
 
 def _prompts(vocab, seed=1):
@@ -93,10 +119,8 @@ def test_register_is_idempotent():
 
 
 def test_entry_point_declared_when_installed():
-    from importlib.metadata import PackageNotFoundError, distribution, entry_points
-    try:
-        distribution("gift-quant")
-    except PackageNotFoundError:
+    from importlib.metadata import entry_points
+    if not _installed():
         pytest.skip("gift-quant is not installed in this venv (PYTHONPATH only)")
     eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "gift_sw"]
     assert len(eps) == 1 and eps[0].value == "gift_quant.integrations.vllm:register"
@@ -114,15 +138,11 @@ def _registered():
     register()  # the test process may run from a PYTHONPATH checkout, where no entry point exists
 
 
-# (bits, act-order): act-order gives each of q/k/v its own g_idx (parts run separately);
+# (bits, act-order, biases): act-order gives each of q/k/v its own g_idx (parts run separately);
 # without it the parts share g_idx and merge into one packed layer
-@pytest.mark.parametrize("bits,act", [(2, True), (3, True), (4, True), (4, False)])
-def test_tiny_llama_matches_transformers(tmp_path, bits, act):
-    model = _tiny_llama()
-    calib = torch.randint(3, 256, (8, 64), generator=torch.Generator().manual_seed(0))
-    cfg = GiftConfig(bits=bits, group_size=32, desc_act=act, n_salient=6, salient_ratio=None)
-    compress_model(model, calib, cfg, progress=False)
-    save_checkpoint(model, None, tmp_path)
+@pytest.mark.parametrize("bits,act,bias", [(2, True, False), (3, True, True), (4, True, False), (4, False, True)])
+def test_tiny_llama_matches_transformers(tmp_path, bits, act, bias):
+    _checkpoint(tmp_path, bits, act, bias)
     prompts = _prompts(256)
     layout = []
     _compare(_hf_greedy(tmp_path, prompts), _vllm_greedy(tmp_path, prompts, layout))
@@ -132,6 +152,29 @@ def test_tiny_llama_matches_transformers(tmp_path, bits, act):
     # act-order: q/k/v and gate/up pick different FP16 columns, so different g_idx: one part each;
     # without act-order they share g_idx and merge into one packed layer
     assert (parts["qkv_proj"], parts["gate_up_proj"]) == ((3, 2) if act else (1, 1))
+
+
+def _installed():
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        distribution("gift-quant")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+# Worker processes find the plugin only through the installed entry point. vLLM's CPU backend pins one
+# NUMA node per worker by default; "nobind" lets tp ranks share this machine's cores.
+@pytest.mark.skipif(not _installed(), reason="tensor parallel workers need gift-quant installed (entry point)")
+@pytest.mark.parametrize("tp,bits,act", [(2, 3, True), pytest.param(4, 2, False, marks=pytest.mark.slow)])
+def test_tensor_parallel_matches_transformers(tmp_path, monkeypatch, tp, bits, act):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    _checkpoint(tmp_path, bits, act, bias=True)
+    prompts = _prompts(256)
+    layout = []
+    vl = _vllm_greedy(tmp_path, prompts, layout, tensor_parallel_size=tp, distributed_executor_backend="mp")
+    _compare(_hf_greedy(tmp_path, prompts), vl)
+    assert len(layout) == tp and all(not dense for _, dense in layout)
 
 
 @pytest.mark.slow
