@@ -116,9 +116,10 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
         model.to(device).eval()
         kernel = "-"
         if device.type == "cuda" and label == "gift":  # build the kernel layout before anything is compiled
-            from .kernels import build, prepare_model
+            from .nn.dispatch import prepare_model
             n = prepare_model(model, dtype)
-            kernel = f"cuda ({n} layers)" if n else f"pytorch ({build.unavailable_reason() or 'self-check failed'})"
+            from .nn.dispatch import requested_backend
+            kernel = f"{requested_backend()} ({n} layers on a kernel)" if n else "pytorch"
         elif label == "gift":
             kernel = "pytorch (cpu)"
         vocab = model.config.vocab_size

@@ -1,6 +1,13 @@
-import pytest
+import os
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+if not torch.cuda.is_available():
+    # the Triton kernels' CPU check mode; must precede the first import of triton (transformers imports it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 96, layers: int = 2, vocab: int = 128):

@@ -93,7 +93,7 @@ def drop_compiled(model):
     for attr in ("_compiled_call", "_last_compile_config"):
         model.__dict__.pop(attr, None)
     for m in model.modules():
-        m.__dict__.pop("_gift_cuda_prepared", None)
+        m.__dict__.pop("_gift_kernel_cache", None)
     try:
         torch._dynamo.reset()  # also frees the CUDA graph pools
     except Exception:  # noqa: BLE001
@@ -420,7 +420,8 @@ def main(argv=None) -> int:
     if a.compile_estimate is None:
         a.compile_estimate = 90.0 if device.type == "cuda" else 0.0
 
-    from gift_quant.kernels import build, prepare_model
+    from gift_quant.kernels import build
+    from gift_quant.nn.dispatch import prepare_model, requested_backend
     meta = {"argv": sys.argv[1:] if argv is None else list(argv), "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -438,15 +439,18 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     t = time.time()
-    if device.type == "cuda":
-        log("building / loading the CUDA kernel (first use: about a minute or more) ...")
-    ext = build.extension()
-    if device.type == "cuda":
+    backend = requested_backend()
+    meta["backend"] = backend
+    if device.type == "cuda" and backend == "cuda":
+        log("building / loading the C++ kernel (first use: about a minute or more) ...")
+        ext = build.extension()
         meta["kernel_build_s"] = time.time() - t
-        meta["kernel_status"] = "built" if ext is not None else f"unavailable ({build.unavailable_reason()})"
+        meta["kernel_status"] = "C++ built" if ext is not None else f"C++ unavailable ({build.unavailable_reason()})"
+        meta["kernel_unavailable_reason"] = build.unavailable_reason()
+    elif device.type == "cuda":
+        meta["kernel_status"] = f"GIFT_QUANT_KERNEL={backend} ({'Triton' if backend == 'auto' else backend})"
     else:
         meta["kernel_status"] = f"not used on {device.type} (PyTorch path)"
-    meta["kernel_unavailable_reason"] = build.unavailable_reason()
     if device.type != "cuda":
         meta["notes"].append("on CPU, peak memory is the process's peak RSS (it never goes down), so its "
                              "ratios mean nothing; the CPU path dequantizes every layer (no kernel)")
@@ -506,7 +510,7 @@ def main(argv=None) -> int:
                 build_cost[part] = max(build_cost.get(part, 0.0), build_s)
                 base.update(build_s=build_s, mixed_layers=n_mixed(model), kernel_layers=n_kernel)
                 log(f"{label}: ready in {build_s:.1f} s ({base['mixed_layers']} mixed-precision Linears, "
-                    f"{n_kernel} on the CUDA kernel, {base['size_mib']:.1f} MiB)")
+                    f"{n_kernel} on a kernel, {base['size_mib']:.1f} MiB)")
                 if a.profile and mode == "eager":
                     try:
                         p = profile_decode(model, model.config.vocab_size, device, a.prompt_len)

@@ -1,23 +1,26 @@
-"""Kernel benchmark: gift mixed-precision linear vs fp16 F.linear, per shape, batch and bit width.
+"""Kernel benchmark: gift mixed-precision linear (Triton, C++, PyTorch path) vs fp16 F.linear.
 
-Run on the GPU (see BENCHMARKS.md for the published table):
+    python tools/bench_kernel.py --md kernel.md                      # the full table (GPU, ~1-2 min)
+    python tools/bench_kernel.py --quick --md kernel.md              # 4096x11008 + 11008x4096, batch 1/16, 4/2 bits
+    python tools/bench_kernel.py --backends cuda,triton --shapes 4096x11008 --batches 1 --bits 4
 
-    python tools/bench_kernel.py --out bench_out/kernel
-
-For every (K x N, batch, bits) with k = 128 FP16 columns it reports
-- time of the gemv path and of the dequant+cuBLAS path (both forced), and of fp16 F.linear;
-- bytes the chosen path must read (packed base + scales + zeros + FP16 columns + x + y);
-- effective bandwidth, as a share of the measured device copy bandwidth;
-- speedup over fp16 next to the ideal speedup (fp16 bytes / our bytes).
-Timing: each call sequence is captured in a CUDA graph over enough weight copies that L2 cannot hold
-them (inputs rotate), replayed after warm-up, timed with CUDA events; medians. On CPU (smoke test
-only) it times with perf_counter and skips the bandwidth columns.
+For every (K x N, bits, batch) with k FP16 columns (default 128, group 128) it times
+- ``triton``: the decode GEMV and the prefill GEMM, both forced, and says which one ``auto`` picks;
+- ``cuda`` (opt-in, JIT build ~1 min): the C++ kernel through the same dispatch;
+- ``torch``: gift's PyTorch path (dequantize per call);
+- fp16 ``F.linear`` on a dense weight of the same shape (always).
+Timing: each backend's calls over enough weight copies that L2 cannot hold them (rotated) are captured
+in one CUDA graph (kernels compiled and run once before capture), replayed, timed with CUDA events;
+median per call. The copy bandwidth (device-to-device copy, read + write) is measured in the same run.
+Bytes are what a layer must read and write: packed base + scales + zeros + FP16 columns + x + y; ideal
+speedup = fp16 bytes / those bytes. On CPU (smoke test only) it times with perf_counter.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -28,12 +31,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gift_quant.kernels import build, cuda_args, ops  # noqa: E402
+from gift_quant.nn import dispatch  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
+from gift_quant.packing import pack_qweight, pack_qzeros  # noqa: E402
+
+BIG = 1 << 30
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), median of 20."""
+    """Device-to-device copy bandwidth in bytes/s (read + write), median of 20 after 5 warm-ups."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
     times = []
@@ -48,8 +54,8 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times[5:])
 
 
-def time_calls(fns, device, replays: int = 15) -> float:
-    """Median seconds per call of the sequence ``fns`` (each a zero-arg callable)."""
+def time_calls(fns, device, replays: int = 20) -> float:
+    """Median seconds per call of the sequence ``fns`` (zero-arg callables), CUDA-graph replayed."""
     if device.type != "cuda":
         for f in fns[:2]:
             f()
@@ -63,9 +69,10 @@ def time_calls(fns, device, replays: int = 15) -> float:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for f in fns[:3]:
-            f()  # warm-up outside capture (allocator, lazy init)
+        for f in fns:
+            f()  # every copy once outside capture: compile, autotune, allocator, lazy init
     torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for f in fns:
@@ -80,111 +87,233 @@ def time_calls(fns, device, replays: int = 15) -> float:
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b) / 1e3 / len(fns))
+    del g
     return statistics.median(ts)
 
 
-def op_call(layer, p, x, gemv_max_tokens):
-    return lambda: ops.run_op(x, layer, p, gemv_max_tokens)
+@torch.no_grad()
+def random_layer(K: int, N: int, bits: int, gs: int, k: int, act: bool, device, seed: int,
+                 dtype=torch.float16) -> MixedPrecisionLinear:
+    """A valid random layer built on ``device`` (MixedPrecisionLinear.random works on CPU: too slow at 7B
+    shapes). Salient slots hold the zero-point, like a gift checkpoint."""
+    k = min(k, K)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    G = 1 if gs <= 0 else -(-K // gs)
+    step = gs if gs > 0 else K
+    order = torch.randperm(K, generator=gen, device=device) if act else torch.arange(K, device=device)
+    g_idx = torch.empty(K, dtype=torch.long, device=device)
+    g_idx[order] = torch.arange(K, device=device) // step
+    codes = torch.randint(0, 2 ** bits, (N, K), generator=gen, device=device, dtype=torch.int32)
+    zeros = torch.randint(0, 2 ** bits, (G, N), generator=gen, device=device, dtype=torch.int32)
+    sal = torch.randperm(K, generator=gen, device=device)[:k].sort().values
+    codes[:, sal] = zeros[g_idx[sal]].t()
+    m = MixedPrecisionLinear(K, N, bits, gs, k, bias=False, dtype=dtype, device=device)
+    m.qweight.copy_(pack_qweight(codes, bits))
+    m.qzeros.copy_(pack_qzeros(zeros, bits))
+    m.scales.copy_(torch.rand(G, N, generator=gen, device=device) * 0.02 + 0.002)
+    m.g_idx.copy_(g_idx.to(torch.int32))
+    m.salient_idx.copy_(sal.to(torch.int32))
+    m.salient_weight.data.copy_(torch.randn(N, k, generator=gen, device=device) * 0.05)
+    return m
 
 
-def layer_bytes(layer, p, batch: int, gemv: bool, dtype_size: int = 2) -> int:
-    """Bytes the path must move: packed base, scales, zeros, FP16 columns, x, y (dequant path also writes
-    and re-reads the dense weight)."""
-    K, N, k = layer.in_features, layer.out_features, layer.n_salient
-    base = p.qweight.numel() * 4 + p.scales.numel() * dtype_size + p.zeros.numel() + p.perm.numel() * 8
-    cols = N * k * dtype_size + k * 4
-    io = batch * (K + N) * dtype_size
-    dense = 0 if gemv else 2 * K * N * dtype_size
-    return base + cols + io + dense
+def clone_layer(m: MixedPrecisionLinear) -> MixedPrecisionLinear:
+    """Same values, new memory (a copy that L2 has not seen)."""
+    c = MixedPrecisionLinear(m.in_features, m.out_features, m.bits, m.group_size, m.n_salient, False,
+                             m.scales.dtype, m.qweight.device)
+    c.load_state_dict(m.state_dict())
+    return c
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="triton", help="comma list of triton, cuda, torch (fp16 always runs)")
     ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="KxN (in x out) list")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--quick", action="store_true", help="4096x11008,11008x4096 at batch 1,16, bits 4,2")
     ap.add_argument("--salient", type=int, default=128)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--act-order", action="store_true", help="random act-order g_idx (repacked layout)")
+    ap.add_argument("--act-order", action="store_true", help="random act-order g_idx")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--version", default="v1", help="kernel version label for the notes file")
-    ap.add_argument("--out", default="bench_out/kernel")
+    ap.add_argument("--l2-factor", type=float, default=3.0, help="weight copies cover this many L2 sizes")
+    ap.add_argument("--out", default="bench_out/kernel", help="folder for kernel.json/kernel.md")
+    ap.add_argument("--md", help="write the markdown table here (default OUT/kernel.md)")
+    ap.add_argument("--json", help="write the raw rows here (default OUT/kernel.json)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.shapes, a.batches, a.bits = "4096x11008,11008x4096", "1,16", "4,2"
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    bad = set(backends) - {"triton", "cuda", "torch"}
+    if bad:
+        ap.error(f"unknown backend(s) {sorted(bad)}; choose from triton, cuda, torch")
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
+        batches = [int(b) for b in a.batches.split(",")]
+        bitss = [int(b) for b in a.bits.split(",")]
+    except ValueError as e:
+        ap.error(f"bad --shapes/--batches/--bits: {e}")
 
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
+    if device.type != "cuda" and "triton" in backends and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("# triton skipped on CPU (set TRITON_INTERPRET=1 to run it in the interpreter)", flush=True)
+        backends.remove("triton")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "version": a.version, "date": time.strftime("%Y-%m-%d"),
-            "kernel": None, "copy_bw_GBs": None}
-    if device.type == "cuda":
-        meta["kernel"] = "cuda" if build.extension() is not None else f"fallback ({build.unavailable_reason()})"
+    cuda = device.type == "cuda"
+    meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "backends": backends, "copy_bw_GBs": None,
+            "gemv_max_tokens": dispatch.GEMV_MAX_TOKENS, "argv": sys.argv[1:] if argv is None else argv}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        meta["triton"] = None
+    if cuda:
         meta["copy_bw_GBs"] = copy_bandwidth(device) / 1e9
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
     else:
-        meta["kernel"] = "pytorch (cpu)"
         l2 = 0
+    meta["l2_bytes"] = l2
+    if "cuda" in backends and cuda:
+        from gift_quant.kernels import build
+        t = time.time()
+        meta["cuda_build"] = "ok" if build.extension(warn=False) is not None else build.unavailable_reason()
+        meta["cuda_build_s"] = round(time.time() - t, 1)
     print(json.dumps(meta), flush=True)
 
-    rows = []
-    for shape in a.shapes.split(","):
-        K, N = (int(v) for v in shape.lower().split("x"))
-        fp16_bytes_w = K * N * 2
-        for bits in (int(b) for b in a.bits.split(",")):
-            copies = max(2, math.ceil(3 * l2 / max(1, K * N * bits // 8))) if l2 else 1
-            layers = [MixedPrecisionLinear.random(K, N, bits, a.group_size, a.salient, act_order=a.act_order,
-                                                  dtype=torch.float16, seed=i).to(device) for i in range(copies)]
-            preps = [cuda_args(m, dtype) if device.type == "cuda" else None for m in layers]
-            if device.type != "cuda" or preps[0] is None:
-                from gift_quant.kernels.prepare import prepare
-                preps = [prepare(m, dtype) for m in layers]
-            fp_copies = max(2, math.ceil(3 * l2 / fp16_bytes_w)) if l2 else 1
-            ws = [layers[i % copies].dequantize(dtype) for i in range(fp_copies)]
-            for batch in (int(b) for b in a.batches.split(",")):
-                xs = [torch.randn(batch, K, device=device).to(dtype) for _ in range(max(copies, fp_copies))]
-                # correctness guard: the timed op against the dense reference
-                y = op_call(layers[0], preps[0], xs[0], 64)()
-                ref = F.linear(xs[0].float(), layers[0].dequantize(torch.float32))
-                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                t_gemv = time_calls([op_call(layers[i], preps[i], xs[i], 1 << 30) for i in range(copies)], device) \
-                    if N % 4 == 0 else float("nan")
-                t_deq = time_calls([op_call(layers[i], preps[i], xs[i], 0) for i in range(copies)], device)
-                t_fp = time_calls([(lambda x=xs[i], w=ws[i]: F.linear(x, w)) for i in range(fp_copies)], device)
-                gemv_wins = t_gemv == t_gemv and t_gemv <= t_deq
-                t_best = t_gemv if gemv_wins else t_deq
-                ours = layer_bytes(layers[0], preps[0], batch, gemv=gemv_wins)
-                fp_bytes = fp16_bytes_w + batch * (K + N) * 2
-                row = {"K": K, "N": N, "bits": bits, "batch": batch, "k": a.salient,
-                       "us_gemv": t_gemv * 1e6, "us_dequant_mm": t_deq * 1e6, "us_fp16": t_fp * 1e6,
-                       "best_path": "gemv" if gemv_wins else "dequant+mm", "bytes": ours,
-                       "speedup": t_fp / t_best, "ideal": fp_bytes / layer_bytes(layers[0], preps[0], batch, True),
-                       "rel_err": err}
-                row["speedup_vs_ideal"] = row["speedup"] / row["ideal"]
-                if meta["copy_bw_GBs"]:
-                    row["GBs"] = ours / t_best / 1e9
-                    row["pct_copy_bw"] = 100 * row["GBs"] / meta["copy_bw_GBs"]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del layers, preps, ws
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    def run(backend, x, layer, gmt=None):
+        return dispatch._run(backend, x, layer, gmt)
 
-    (out / "kernel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = [f"Device: {meta['device']}, torch {meta['torch']}, kernel {meta['kernel']} ({meta['version']}), "
-          f"copy bandwidth {meta['copy_bw_GBs'] or float('nan'):.0f} GB/s, {meta['date']}; k = {a.salient}, "
-          f"group {a.group_size}, {a.dtype}{', act-order' if a.act_order else ''}.", "",
-          "| K x N | bits | batch | gemv us | dequant+mm us | fp16 us | path | GB/s | % copy bw | speedup | ideal | "
-          "speedup/ideal | rel err |", "|" + "---|" * 13]
+    rows = []
+    for K, N in shapes:
+        fp_w = K * N * 2
+        fp_copies = max(2, math.ceil(a.l2_factor * l2 / fp_w)) if l2 else 1
+        ws = [torch.randn(N, K, device=device, dtype=dtype) * 0.02 for _ in range(fp_copies)]
+        for bits in bitss:
+            t0 = time.time()
+            base = random_layer(K, N, bits, a.group_size, a.salient, a.act_order, device, seed=bits, dtype=dtype)
+            qbytes = K * N * bits // 8
+            copies = max(2, math.ceil(a.l2_factor * l2 / qbytes)) if l2 else 1
+            layers = [base] + [clone_layer(base) for _ in range(copies - 1)]
+            L = dispatch.prepared(base, "triton", dtype) if "triton" in backends else None
+            for m in layers[1:]:
+                if L is not None:
+                    dispatch.prepared(m, "triton", dtype)
+            lay_bytes = L.nbytes() if L is not None else (base.qweight.numel() * 4 + base.scales.numel() * 2
+                                                          + base.zeros().numel() + N * base.n_salient * 2
+                                                          + base.n_salient * 4)
+            w_ref = base.dequantize(torch.float32)
+            print(f"# {K}x{N} {bits}-bit: {copies} copies, setup {time.time() - t0:.1f}s", flush=True)
+            for batch in batches:
+                xs = [torch.randn(batch, K, device=device).to(dtype) for _ in range(max(copies, fp_copies))]
+                ref = F.linear(xs[0].float(), w_ref)
+                row = {"K": K, "N": N, "bits": bits, "batch": batch, "k": a.salient, "copies": copies}
+
+                def err(y):
+                    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+                timings = {}
+                with torch.no_grad():
+                    row["us_fp16"] = time_calls([lambda x=xs[i], w=ws[i % fp_copies]: F.linear(x, w)
+                                                 for i in range(fp_copies)], device) * 1e6
+                    if "triton" in backends:
+                        for path, gmt in (("gemv", BIG), ("gemm", 0)):
+                            if path == "gemv" and batch > 16:
+                                continue  # the GEMV is for decode (<= 16 tokens)
+                            row[f"err_triton_{path}"] = err(run("triton", xs[0], base, gmt))
+                            timings[f"triton_{path}"] = time_calls(
+                                [lambda x=xs[i], m=layers[i]: run("triton", x, m, gmt) for i in range(copies)],
+                                device)
+                        auto = "gemv" if batch <= dispatch.GEMV_MAX_TOKENS else "gemm"
+                        row["triton_auto_path"] = auto
+                    if "cuda" in backends and cuda and meta.get("cuda_build") == "ok":
+                        row["err_cuda"] = err(run("cuda", xs[0], base))
+                        timings["cuda"] = time_calls([lambda x=xs[i], m=layers[i]: run("cuda", x, m)
+                                                      for i in range(copies)], device)
+                    if "torch" in backends:
+                        row["err_torch"] = err(run("torch", xs[0], base))
+                        timings["torch"] = time_calls([lambda x=xs[i], m=layers[i]: run("torch", x, m)
+                                                       for i in range(copies)], device)
+                for name, t in timings.items():
+                    row[f"us_{name}"] = t * 1e6
+                io = batch * (K + N) * 2
+                row["bytes"] = lay_bytes + io
+                row["ideal"] = (fp_w + io) / row["bytes"]
+                tri = {k: v for k, v in timings.items() if k.startswith("triton")}
+                if tri:
+                    best = min(tri, key=tri.get)
+                    row["triton_best"] = best.split("_")[1]
+                    row["us_triton"] = tri[best] * 1e6
+                    row["speedup"] = row["us_fp16"] / row["us_triton"]
+                    row["of_ideal"] = row["speedup"] / row["ideal"]
+                    if meta["copy_bw_GBs"]:
+                        row["GBs"] = row["bytes"] / tri[best] / 1e9
+                        row["pct_copy_bw"] = 100 * row["GBs"] / meta["copy_bw_GBs"]
+                if "cuda" in timings:
+                    row["speedup_cuda"] = row["us_fp16"] / row["us_cuda"]
+                rows.append(row)
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+                      flush=True)
+            del layers, base, L, w_ref
+            if cuda:
+                torch.cuda.empty_cache()
+        del ws
+
+    json_path = Path(a.json) if a.json else out / "kernel.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = markdown(meta, rows, a, backends)
+    md_path = Path(a.md) if a.md else out / "kernel.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(md)
+    print(md)
+
+
+def _f(v, fmt):
+    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, fmt)
+
+
+def markdown(meta, rows, a, backends) -> str:
+    bw = meta["copy_bw_GBs"]
+    lines = [f"Device: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, measured copy bandwidth "
+             f"{_f(bw, '.0f')} GB/s (read + write), {meta['date']}. k = {a.salient} FP16 columns, group "
+             f"{a.group_size}, {a.dtype}{', act-order' if a.act_order else ''}. CUDA-graph replay over weight "
+             f"copies covering {a.l2_factor:g}x L2, median per call. Command: "
+             f"`python tools/bench_kernel.py {' '.join(meta['argv'])}`.", ""]
+    cols = ["K x N", "bits", "batch", "fp16 us", "triton gemv us", "triton gemm us", "auto path", "speedup",
+            "ideal", "of ideal", "GB/s", "% copy bw"]
+    if "cuda" in backends:
+        cols += ["C++ us", "C++ speedup"]
+    if "torch" in backends:
+        cols += ["torch path us"]
+    cols += ["max rel err"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        md.append(f"| {r['K']}x{r['N']} | {r['bits']} | {r['batch']} | {r['us_gemv']:.1f} | {r['us_dequant_mm']:.1f} | "
-                  f"{r['us_fp16']:.1f} | {r['best_path']} | {r.get('GBs', float('nan')):.0f} | "
-                  f"{r.get('pct_copy_bw', float('nan')):.0f}% | {r['speedup']:.2f}x | {r['ideal']:.2f}x | "
-                  f"{r['speedup_vs_ideal']:.2f} | {r['rel_err']:.1e} |")
-    (out / "kernel.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        auto = r.get("triton_auto_path")
+        t_auto = r.get(f"us_triton_{auto}") if auto else None
+        sp = r["us_fp16"] / t_auto if t_auto else None
+        gbs = r["bytes"] / (t_auto * 1e-6) / 1e9 if t_auto else None
+        errs = [v for k, v in r.items() if k.startswith("err_")]
+        cells = [f"{r['K']}x{r['N']}", str(r["bits"]), str(r["batch"]), _f(r["us_fp16"], ".1f"),
+                 _f(r.get("us_triton_gemv"), ".1f"), _f(r.get("us_triton_gemm"), ".1f"), auto or "-",
+                 _f(sp, ".2f") + ("x" if sp else ""), _f(r["ideal"], ".2f") + "x",
+                 _f(sp / r["ideal"] if sp else None, ".2f"), _f(gbs, ".0f"),
+                 _f(100 * gbs / bw if gbs and bw else None, ".0f") + ("%" if gbs and bw else "")]
+        if "cuda" in backends:
+            cells += [_f(r.get("us_cuda"), ".1f"), _f(r.get("speedup_cuda"), ".2f")]
+        if "torch" in backends:
+            cells += [_f(r.get("us_torch"), ".1f")]
+        cells += [_f(max(errs) if errs else None, ".1e")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "speedup, GB/s and % copy bw are for the path `auto` picks at that batch (GEMV up to "
+              f"GIFT_QUANT_GEMV_MAX_TOKENS={meta['gemv_max_tokens']} tokens, else the tl.dot GEMM); ideal = fp16 "
+              "bytes / gift bytes (packed base, scales, zeros, FP16 columns, x, y); 'of ideal' = speedup / ideal."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("GIFT_QUANT_KERNEL", "auto")
     main()

@@ -2,10 +2,10 @@
 
 A custom op with a fake (meta) implementation lets ``torch.compile`` trace through it and capture it
 in CUDA graphs (``mode="reduce-overhead"``). On tensors the extension cannot take (CPU, no build) the
-op runs :func:`prepared_forward`, the same math in PyTorch, so it is never wrong, only slower.
+op runs :func:`prepared_forward`, the same math in PyTorch (the dispatcher only routes CUDA fp16/bf16
+inputs here, after the build and a self-check succeeded).
 """
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -43,11 +43,6 @@ def _(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, 
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-# ---- self-check: the kernel is only used for a (bits, dtype, device) after it matched PyTorch once ----
-
-_checked: dict = {}
-
-
 def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_TOKENS) -> Tensor:
     """The op on a layer's prepared layout; FP16 columns and bias in the activation dtype."""
     sw = layer.salient_weight.detach().to(x.dtype).contiguous()
@@ -56,29 +51,3 @@ def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_
                                              layer.salient_idx.to(torch.int32).contiguous(), b, layer.bits,
                                              layer.in_features, layer.out_features, gemv_max_tokens,
                                              p.chunk_uniform)
-
-
-def self_check(bits: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Compare both kernel paths with a float64 PyTorch reference on a small random layer, once."""
-    key = (bits, dtype, str(device))
-    if key in _checked:
-        return _checked[key]
-    from ..nn.mixed_linear import MixedPrecisionLinear
-    ok, worst = True, 0.0
-    with torch.no_grad():
-        for act_order, m in ((False, 1), (True, 2), (True, 3), (False, 8), (False, 20)):  # MT 1, 2, 4, 8; mm
-            layer = MixedPrecisionLinear.random(200, 132, bits, 64, 7, bias=True, act_order=act_order,
-                                                seed=1234 + m).to(device)
-            p = prepare(layer, dtype)
-            x = torch.randn(m, 200, device=device, dtype=torch.float32).to(dtype)
-            ref = layer.dequantize(torch.float64) @ x.double().t()
-            ref = ref.t() + layer.bias.double()
-            y = run_op(x, layer, p).double()
-            err = ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
-            worst = max(worst, err)
-            ok = ok and bool(torch.isfinite(y).all()) and err < (2e-2 if dtype == torch.bfloat16 else 4e-3)
-    if not ok:
-        warnings.warn(f"gift-quant: CUDA kernel failed its self-check (bits={bits}, {dtype}, rel. error "
-                      f"{worst:.2e}); using the PyTorch path for these layers", stacklevel=3)
-    _checked[key] = ok
-    return ok

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import pack, unpack, unpack_qweight
+from ..packing import pack, unpack, unpack_qweight, unpack_qzeros
 
 
 @dataclass
@@ -48,7 +48,7 @@ def prepare(layer, dtype: torch.dtype) -> PreparedLinear:
     dev = layer.qweight.device
     g = layer.g_idx.long()
     sal = layer.salient_idx.long()
-    zeros = layer.zeros()  # [G, N] int32
+    zeros = unpack_qzeros(layer.qzeros, bits, N)  # [G, N] int32
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):
         raise ValueError("zero-points outside 0..255")
     codes = unpack_qweight(layer.qweight, bits, K)  # [K, N]

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
 from ..quant import n_groups
+from .dispatch import mixed_linear_forward
 
 
 class MixedPrecisionLinear(nn.Module):
@@ -106,8 +107,7 @@ class MixedPrecisionLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import mixed_linear
-        return mixed_linear(x, self)
+        return mixed_linear_forward(x, self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

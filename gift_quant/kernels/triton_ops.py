@@ -1,0 +1,46 @@
+"""``torch.ops.gift_quant.mixed_linear_triton``: the Triton kernels as a torch.library custom op.
+
+A custom op with a fake implementation lets ``torch.compile(fullgraph=True)`` trace it and
+``mode="reduce-overhead"`` capture it in CUDA graphs. The kernels compile on their first eager call per
+specialization; ``gift_quant.nn.dispatch.prepare_model`` makes those calls before any capture.
+Decode (tokens <= ``gemv_max_tokens``) runs the fused GEMV, longer inputs the ``tl.dot`` GEMM.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .layout import TritonLayout
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@torch.library.custom_op("gift_quant::mixed_linear_triton", mutates_args=())
+def mixed_linear_triton(x: Tensor, qweight: Tensor, perm: Tensor, gchunk: Tensor, scales: Tensor, zeros: Tensor,
+                        sal_w: Tensor, sal_idx: Tensor, bias: Optional[Tensor], bits: int, in_features: int,
+                        out_features: int, identity_rows: bool, gemv_max_tokens: int) -> Tensor:
+    from . import triton_mixed
+    L = TritonLayout(qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_features, out_features,
+                     identity_rows)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    path = "gemv" if x2d.shape[0] <= gemv_max_tokens else "gemm"
+    return triton_mixed.mixed_linear(x2d, L, path).reshape(*lead, out_features)
+
+
+@mixed_linear_triton.register_fake
+def _(x, qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_features, out_features,
+      identity_rows, gemv_max_tokens):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = 8) -> Tensor:
+    """The op on a prepared layout. ``gemv_max_tokens`` 0 forces the GEMM, a large value the GEMV."""
+    return torch.ops.gift_quant.mixed_linear_triton(x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w,
+                                                    L.sal_idx, L.bias, L.bits, L.in_features, L.out_features,
+                                                    L.identity_rows, gemv_max_tokens)

@@ -1,0 +1,242 @@
+"""Which kernel runs a mixed-precision linear, and the per-module cache of its load-time layout.
+
+``GIFT_QUANT_KERNEL`` picks the backend:
+
+- ``auto`` (default): the Triton kernels on CUDA; the PyTorch path on CPU. If Triton cannot run (not
+  installed, unsupported dtype, failed self-check) it falls back to the PyTorch path with ONE warning
+  naming the reason;
+- ``triton`` / ``cuda`` (the C++ kernel, JIT-built, opt-in until measured faster) / ``torch``: that
+  backend or a clear error, never a silent fallback. ``off`` is an alias of ``torch``.
+
+Anything that needs gradients (training the FP16 columns, LoRA on top) takes the PyTorch autograd
+path: the kernels are inference-only. :func:`mixed_linear_forward` accepts any object with the layer's
+attributes (qweight, qzeros, scales, g_idx, salient_idx, salient_weight, bias, bits, group_size,
+in_features, out_features), so other integrations (vLLM) reuse it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import torch_path
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+_ALIASES = {"off": "torch", "0": "torch", "false": "torch", "no": "torch", "": "auto", "pytorch": "torch"}
+_CACHE_ATTR = "_gift_kernel_cache"
+GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "8"))
+
+_warned: set = set()
+_checked: dict = {}
+
+
+def requested_backend() -> str:
+    raw = os.environ.get("GIFT_QUANT_KERNEL", "auto").strip().lower()
+    name = _ALIASES.get(raw, raw)
+    if name not in BACKENDS:
+        raise ValueError(f"GIFT_QUANT_KERNEL={raw!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+# --------------------------------------------------------------------------------------- torch path
+
+def torch_forward(x: torch.Tensor, layer) -> torch.Tensor:
+    """The PyTorch path (any device, autograd to ``salient_weight`` and x, never a dense weight grad)."""
+    w = torch_path.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                              layer.group_size, layer.in_features, layer.out_features, x.dtype)
+    if layer.salient_idx.numel():  # foreign checkpoints may hold codes there: never count a column twice
+        w = w.index_fill(1, layer.salient_idx.long(), 0)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    y = F.linear(x, w, bias)
+    if layer.salient_idx.numel():
+        y = y + F.linear(x[..., layer.salient_idx.long()], layer.salient_weight.to(x.dtype))
+    return y
+
+
+# ------------------------------------------------------------------------------------ layout cache
+
+def _key(layer, backend: str, dtype: torch.dtype):
+    ts = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx, layer.salient_weight,
+          layer.bias)
+    # identity and data_ptr catch buffers replaced by assignment; _version catches in-place writes
+    return (backend, dtype, str(layer.qweight.device),
+            tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in ts))
+
+
+def _cache(layer) -> dict:
+    c = layer.__dict__.get(_CACHE_ATTR)
+    if c is None:
+        c = {}
+        layer.__dict__[_CACHE_ATTR] = c
+    return c
+
+
+def _build(layer, backend: str, dtype: torch.dtype):
+    if backend == "triton":
+        from ..kernels.layout import build_layout
+        return build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
+                            layer.salient_weight, layer.bias, layer.bits, layer.in_features,
+                            layer.out_features, dtype)
+    from ..kernels.prepare import prepare
+    return prepare(layer, dtype)
+
+
+def prepared(layer, backend: str, dtype: torch.dtype):
+    """The layer's layout for ``backend`` and ``dtype``, rebuilt when any weight tensor changed."""
+    cache = _cache(layer)
+    if torch.compiler.is_compiling():  # no side effects while tracing: use what eager prepared
+        hit = cache.get((backend, dtype))
+        if hit is None:
+            raise RuntimeError("gift-quant: no kernel layout prepared for this layer; call "
+                               "gift_quant.nn.dispatch.prepare_model(model) before torch.compile")
+        return hit[1]
+    key = _key(layer, backend, dtype)
+    hit = cache.get((backend, dtype))
+    if hit is None or hit[0] != key:
+        hit = (key, _build(layer, backend, dtype))
+        cache[(backend, dtype)] = hit
+    return hit[1]
+
+
+# --------------------------------------------------------------------------------------- backends
+
+def triton_unavailable(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take x, or None."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    from ..kernels import triton_ops
+    if x.device.type != "cuda" and not triton_ops.interpreting():
+        return f"input on {x.device.type}: the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
+    ok = (torch.float16, torch.bfloat16, torch.float32)
+    if triton_ops.interpreting() and x.device.type == "cpu":
+        ok = (torch.float16, torch.float32)  # the interpreter has no bf16
+    if x.dtype not in ok:
+        return f"activation dtype {x.dtype} is not supported by the Triton kernels"
+    return None
+
+
+def cuda_unavailable(x: torch.Tensor) -> str | None:
+    from ..kernels import build
+    if not x.is_cuda:
+        return f"input on {x.device.type}: the C++ kernel needs CUDA"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"activation dtype {x.dtype} is not supported by the C++ kernel (fp16/bf16)"
+    if build.extension(warn=False) is None:
+        return f"the C++ kernel is unavailable ({build.unavailable_reason()})"
+    return None
+
+
+def self_check(backend: str, bits: int, dtype: torch.dtype, device: torch.device) -> float | None:
+    """Relative error of ``backend`` against a float64 reference on small random layers (both the decode
+    and the prefill path, act-order on and off), once per (backend, bits, dtype, device); None if ok."""
+    key = (backend, bits, dtype, str(device))
+    if key in _checked:
+        return _checked[key]
+    from .mixed_linear import MixedPrecisionLinear
+    worst, bad = 0.0, False
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    with torch.no_grad():
+        for act, m in ((False, 1), (True, 3), (False, 20)):
+            layer = MixedPrecisionLinear.random(200, 132, bits, 64, 7, bias=True, act_order=act,
+                                                seed=1234 + m).to(device)
+            x = torch.randn(m, 200, device=device).to(dtype)
+            ref = x.double() @ layer.dequantize(torch.float64).t() + layer.bias.double()
+            y = _run(backend, x, layer).double()
+            err = ((y - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+            worst = max(worst, err)
+            bad = bad or not bool(torch.isfinite(y).all()) or err > tol
+    _checked[key] = worst if bad else None
+    return _checked[key]
+
+
+def _run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None) -> torch.Tensor:
+    gmt = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
+    if backend == "triton":
+        from ..kernels import triton_ops
+        return triton_ops.run(x, prepared(layer, "triton", x.dtype), gmt)
+    if backend == "cuda":
+        from ..kernels import ops
+        return ops.run_op(x, layer, prepared(layer, "cuda", x.dtype), gmt)
+    return torch_forward(x, layer)
+
+
+def _warn_once(reason: str):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"gift-quant: GIFT_QUANT_KERNEL=auto: {reason}; using the PyTorch path (correct, "
+                      "slower)", stacklevel=4)
+
+
+def resolve(x: torch.Tensor, layer, backend: str | None = None) -> str:
+    """The backend that will run x through layer: 'triton', 'cuda' or 'torch' (raises for a named backend
+    that cannot run)."""
+    name = backend or requested_backend()
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        if not _wants_kernel(x):
+            return "torch"  # CPU: the PyTorch path is the intended one, no warning
+        reason = triton_unavailable(x)
+        if reason is None and not torch.compiler.is_compiling():
+            err = self_check("triton", layer.bits, x.dtype, x.device)
+            if err is not None:
+                reason = f"the Triton kernel failed its self-check (bits={layer.bits}, {x.dtype}, rel. error {err:.1e})"
+        if reason is not None:
+            _warn_once(reason)
+            return "torch"
+        return "triton"
+    reason = triton_unavailable(x) if name == "triton" else cuda_unavailable(x)
+    if reason is None and name == "cuda" and not torch.compiler.is_compiling():
+        err = self_check("cuda", layer.bits, x.dtype, x.device)
+        if err is not None:
+            reason = f"the C++ kernel failed its self-check (bits={layer.bits}, {x.dtype}, rel. error {err:.1e})"
+    if reason is not None:
+        raise RuntimeError(f"gift-quant: GIFT_QUANT_KERNEL={name}: {reason}")
+    return name
+
+
+def _wants_kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+def needs_autograd(x: torch.Tensor, layer) -> bool:
+    return torch.is_grad_enabled() and (layer.salient_weight.requires_grad or x.requires_grad)
+
+
+def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor:
+    """y = x @ dequant(base)^T + x[..., salient_idx] @ salient_weight^T (+ bias), on the chosen backend."""
+    if needs_autograd(x, layer):
+        return torch_forward(x, layer)
+    return _run(resolve(x, layer, backend), x, layer)
+
+
+def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                  warmup_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 64)) -> int:
+    """Build every MixedPrecisionLinear's kernel layout and compile/run its kernels once per token bucket,
+    so that torch.compile and CUDA-graph capture never build or compile anything. Returns the number of
+    layers on a kernel backend."""
+    from .mixed_linear import MixedPrecisionLinear
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, MixedPrecisionLinear) or not m.qweight.is_cuda:
+                continue
+            dt = dtype or m.scales.dtype
+            probe = torch.zeros(1, m.in_features, device=m.qweight.device, dtype=dt)
+            backend = resolve(probe, m)
+            if backend == "torch":
+                continue
+            n += 1
+            for t in warmup_tokens:
+                _run(backend, torch.randn(t, m.in_features, device=m.qweight.device).to(dt), m)
+    return n
+
+
+def reset():
+    """Forget self-check results and warnings (tests)."""
+    _checked.clear()
+    _warned.clear()
