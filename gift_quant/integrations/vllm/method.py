@@ -132,12 +132,22 @@ class GiftLinearMethod(LinearMethodBase):
             delattr(layer, name)
         layer.gift_shards = nn.ModuleList(GiftShard(t, device) for t in ([merged] if merged is not None else parts))
         layer.__dict__.pop("_gift_parts")
+        _warm_up(layer.gift_shards, layer.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shards = layer.gift_shards
         y = mixed_linear_forward(x, shards[0]) if len(shards) == 1 else \
             torch.cat([mixed_linear_forward(x, s) for s in shards], dim=-1)
         return y if bias is None else y + bias.to(y.dtype)
+
+
+@torch.no_grad()
+def _warm_up(shards, dtype: torch.dtype):
+    """Build each part's kernel layout and compile its kernels now, per token bucket, so that vLLM's
+    torch.compile and CUDA-graph capture never build or compile anything (as ``prepare_model`` does)."""
+    for s in shards:
+        for t in (1, 2, 4, 8, 16, 64) if s.qweight.is_cuda else (1,):
+            mixed_linear_forward(torch.randn(t, s.in_features, device=s.qweight.device).to(dtype), s)
 
 
 def _loader(layer: nn.Module, name: str):
