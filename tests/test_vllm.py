@@ -12,12 +12,13 @@ for _k, _v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": 
     os.environ.setdefault(_k, _v)
 vllm = pytest.importorskip("vllm")
 
-from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.export import save_checkpoint  # noqa: E402
-from gift_quant.hf import load_checkpoint  # noqa: E402
-from gift_quant.integrations.vllm import register  # noqa: E402
-from gift_quant.pipeline import compress_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gift_quant.config import GiftConfig
+from gift_quant.export import save_checkpoint
+from gift_quant.hf import load_checkpoint
+from gift_quant.integrations.vllm import register
+from gift_quant.pipeline import compress_model
 
 NEW_TOKENS = 32
 
@@ -111,7 +112,10 @@ def _compare(hf, vl):
 
 
 def test_register_is_idempotent():
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from vllm.model_executor.layers.quantization import (
+        QUANTIZATION_METHODS,
+        get_quantization_config,
+    )
     register()
     register()
     assert QUANTIZATION_METHODS.count("gift_sw") == 1

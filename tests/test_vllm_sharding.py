@@ -2,9 +2,22 @@
 import pytest
 import torch
 
-from gift_quant.integrations.vllm._deps import mixed_linear_forward, n_groups, pack_qweight, pack_qzeros
-from gift_quant.integrations.vllm.sharding import (GiftTensors, codes_of, dequantize, even_slice, merge_outputs,
-                                                   shard_inputs, shard_outputs, zeros_of)
+from gift_quant.integrations.vllm._deps import (
+    mixed_linear_forward,
+    n_groups,
+    pack_qweight,
+    pack_qzeros,
+)
+from gift_quant.integrations.vllm.sharding import (
+    GiftTensors,
+    codes_of,
+    dequantize,
+    even_slice,
+    merge_outputs,
+    shard_inputs,
+    shard_outputs,
+    zeros_of,
+)
 
 
 def random_layer(K, N, bits, group_size, salient, act_order, bias=True, seed=0, dtype=torch.float16):
@@ -103,7 +116,7 @@ def test_merge_outputs_equals_concatenation(bits, act):
     x = _x()
     m = merge_outputs(parts)
     assert m is not None and m.out_features == 128
-    assert m.salient_idx.tolist() == sorted(set(sum(sal, [])))
+    assert m.salient_idx.tolist() == sorted({i for s in sal for i in s})
     ref = torch.cat([mixed_linear_forward(x, p) for p in parts], -1)
     torch.testing.assert_close(mixed_linear_forward(x, m), ref, rtol=1e-3, atol=1e-3)  # fp16 storage
     m32 = merge_outputs([GiftTensors(**{**p.__dict__, "salient_weight": p.salient_weight.float()}) for p in parts])

@@ -12,8 +12,8 @@ def register() -> None:
     """Make ``quant_method: gift_sw`` known to vLLM. Safe to call any number of times."""
     from vllm.model_executor.layers import quantization as q
 
-    from .method import GiftVllmConfig
     from ._deps import QUANT_METHOD
+    from .method import GiftVllmConfig
 
     if getattr(q, "_CUSTOMIZED_METHOD_TO_QUANT_CONFIG", {}).get(QUANT_METHOD) is GiftVllmConfig:
         return

@@ -8,5 +8,11 @@ from ...config import QUANT_METHOD, GiftConfig  # noqa: F401
 from ...errors import GiftError  # noqa: F401
 from ...hf import _skip as skip_module  # noqa: F401  (the project's one modules_not_converted rule)
 from ...nn.dispatch import mixed_linear_forward  # noqa: F401
-from ...packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros  # noqa: F401
+from ...packing import (  # noqa: F401
+    pack_qweight,
+    pack_qzeros,
+    packed_len,
+    unpack_qweight,
+    unpack_qzeros,
+)
 from ...quant import SUPPORTED_BITS, n_groups  # noqa: F401

@@ -12,12 +12,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+)
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
-from ._deps import QUANT_METHOD, GiftConfig, GiftError, mixed_linear_forward, n_groups, packed_len, skip_module
+from ._deps import (
+    QUANT_METHOD,
+    GiftConfig,
+    GiftError,
+    mixed_linear_forward,
+    n_groups,
+    packed_len,
+    skip_module,
+)
 from .sharding import GiftTensors, merge_outputs, shard_inputs, shard_outputs
 
 TENSORS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
@@ -50,7 +62,7 @@ class GiftVllmConfig(QuantizationConfig):
         return []  # read from config.json's quantization_config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "GiftVllmConfig":
+    def from_config(cls, config: dict[str, Any]) -> GiftVllmConfig:
         return cls(GiftConfig.from_dict(dict(config)))
 
     @staticmethod
