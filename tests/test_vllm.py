@@ -193,3 +193,33 @@ def test_bundled_smollm2_matches_transformers(tmp_path, bits):
     prompts = [tok("The Python language reference says that")["input_ids"],
                tok("def fibonacci(n):")["input_ids"]]
     _compare(_hf_greedy(tmp_path, prompts), _vllm_greedy(tmp_path, prompts))
+
+
+def test_merged_layer_parts_must_agree_on_conversion():
+    from gift_quant.errors import GiftError
+    from gift_quant.integrations.vllm.method import GiftVllmConfig
+    attn = "model.layers.0.self_attn"
+    cfg = GiftVllmConfig.from_config(GiftConfig(modules_not_converted=["lm_head", f"{attn}.q_proj"]).to_dict())
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    with pytest.raises(GiftError, match="converted only some"):
+        cfg.is_skipped(f"{attn}.qkv_proj")
+    assert not cfg.is_skipped("model.layers.1.self_attn.qkv_proj") and cfg.is_skipped("lm_head")
+    cfg.modules_not_converted += [f"{attn}.k_proj", f"{attn}.v_proj"]
+    assert cfg.is_skipped(f"{attn}.qkv_proj")
+
+
+def test_bad_checkpoint_tensors_name_the_layer():
+    from gift_quant.errors import GiftError
+    from gift_quant.integrations.vllm.method import _checked
+    cfg = GiftConfig(bits=4, group_size=32)
+    good = {"qweight": torch.zeros(8, 16, dtype=torch.int32), "qzeros": torch.zeros(2, 4, dtype=torch.int32),
+            "scales": torch.ones(2, 16), "g_idx": torch.arange(64, dtype=torch.int32) // 32,
+            "salient_idx": torch.tensor([3, 9], dtype=torch.int32), "salient_weight": torch.zeros(16, 2)}
+    assert _checked("m.o_proj", 0, good, cfg).out_features == 16
+    for key, bad, msg in [("qweight", torch.zeros(12, 16, dtype=torch.int32), "qweight has shape"),
+                          ("salient_idx", torch.tensor([3, 3], dtype=torch.int32), "invalid salient_idx"),
+                          ("g_idx", torch.full((64,), 5, dtype=torch.int32), "invalid g_idx")]:
+        with pytest.raises(GiftError, match=f"m.o_proj.*{msg}|{msg}.*m.o_proj"):
+            _checked("m.o_proj", 0, {**good, key: bad}, cfg)
+    with pytest.raises(GiftError, match="no scales for m.o_proj"):
+        _checked("m.o_proj", 0, {k: v for k, v in good.items() if k != "scales"}, cfg)
