@@ -144,7 +144,8 @@ def _registered():
 
 # (bits, act-order, biases): act-order gives each of q/k/v its own g_idx (parts run separately);
 # without it the parts share g_idx and merge into one packed layer
-@pytest.mark.parametrize("bits,act,bias", [(2, True, False), (3, True, True), (4, True, False), (4, False, True)])
+@pytest.mark.parametrize("bits,act,bias", [(2, True, False), (3, True, True), (4, True, False), (8, True, False),
+                                           (4, False, True)])
 def test_tiny_llama_matches_transformers(tmp_path, bits, act, bias):
     _checkpoint(tmp_path, bits, act, bias)
     prompts = _prompts(256)
