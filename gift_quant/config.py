@@ -42,6 +42,12 @@ def _format(v):
     return None if v == FORMAT else f"unsupported checkpoint format {v!r} (this version reads {FORMAT!r})"
 
 
+
+def is_excluded(name: str, modules_not_converted) -> bool:
+    """The one exclusion rule: a module stays float when ``modules_not_converted`` names it, one of its
+    parents (a prefix), or its last components (a suffix after a dot)."""
+    return any(name == m or name.endswith("." + m) or name.startswith(m + ".") for m in modules_not_converted)
+
 @dataclasses.dataclass(repr=False)
 class GiftConfig(QuantizationConfigMixin):
     """Settings of a GIFT-SW compression (and the ``quantization_config`` of a saved checkpoint).
@@ -111,10 +117,7 @@ class GiftConfig(QuantizationConfigMixin):
             self.metric_gamma = float(self.metric_gamma)
 
     def is_converted(self, name: str) -> bool:
-        """The one exclusion rule: a module stays float when ``modules_not_converted`` names it, one of
-        its parents (a prefix), or its last components (a suffix after a dot)."""
-        return not any(name == m or name.endswith("." + m) or name.startswith(m + ".")
-                       for m in self.modules_not_converted)
+        return not is_excluded(name, self.modules_not_converted)
 
     def salient_for(self, in_features: int, name: str | None = None) -> int:
         """Number of FP16 columns for a Linear with ``in_features`` inputs."""
