@@ -24,10 +24,6 @@ METHODS = ("gptq", "rtn")
 DEFAULT_NOT_CONVERTED = ("lm_head", "shared_expert_gate")
 
 
-def _names(entries, name: str) -> bool:
-    return any(name == m or name.endswith("." + m) or name.startswith(m + ".") for m in entries)
-
-
 def _group_size(v):
     return None if v == -1 or v >= 1 else f"must be -1 (per row) or a positive int, got {v!r}"
 
@@ -47,6 +43,12 @@ def _norm(v):
 def _format(v):
     return None if v == FORMAT else f"unsupported checkpoint format {v!r} (this version reads {FORMAT!r})"
 
+
+
+def is_excluded(name: str, modules_not_converted) -> bool:
+    """The one exclusion rule: a module stays float when ``modules_not_converted`` names it, one of its
+    parents (a prefix), or its last components (a suffix after a dot)."""
+    return any(name == m or name.endswith("." + m) or name.startswith(m + ".") for m in modules_not_converted)
 
 @dataclasses.dataclass(repr=False)
 class GiftConfig(QuantizationConfigMixin):
@@ -120,13 +122,11 @@ class GiftConfig(QuantizationConfigMixin):
             self.metric_gamma = float(self.metric_gamma)
 
     def is_converted(self, name: str) -> bool:
-        """The one exclusion rule: a module stays float when ``modules_not_converted`` names it, one of
-        its parents (a prefix), or its last components (a suffix after a dot)."""
-        return not _names(self.modules_not_converted, name)
+        return not is_excluded(name, self.modules_not_converted)
 
     def is_excluded_explicitly(self, name: str) -> bool:
         """Excluded by an entry the user added to the default ``modules_not_converted``."""
-        return _names([m for m in self.modules_not_converted if m not in DEFAULT_NOT_CONVERTED], name)
+        return is_excluded(name, [m for m in self.modules_not_converted if m not in DEFAULT_NOT_CONVERTED])
 
     def salient_for(self, in_features: int, name: str | None = None) -> int:
         """Number of FP16 columns for a Linear with ``in_features`` inputs."""

@@ -1,16 +1,20 @@
-"""Held-out perplexity of every GIFT-SW recipe and baseline on the bundled model.
+"""Held-out perplexity of every GIFT-SW recipe and baseline on the bundled model, on two held-out domains.
 
-Methods: fp, none (GPTQ + FP16 columns, untrained), post (the shipped recipe for this device),
-post-qni (post with Gaussian noise at the target bits), post-nonoise, pre, ste, lora. For each bit
-width and seed the compressed stage (calibration + GPTQ) is computed once and shared by none / post /
-post-nonoise / ste / lora (all start from the very same codes); pre runs its own GPTQ after training.
-Every trained method gets the same data, steps, batch, lr and seed.
+Methods: fp, none (GPTQ + FP16 columns, untrained), post (the shipped recipe: no noise), post-noise
+(post with Gaussian noise, sigma = half each group's stored scale), pre (noise from the run's own
+quantizer, then GPTQ), pre-nonoise, ste, lora (rank matched to GIFT's trainable-parameter count). For
+each bit width and seed the compressed stage (calibration + GPTQ) is computed once and shared by none /
+post / post-noise / ste / lora (all start from the very same codes); pre runs its own GPTQ after
+training. Every trained method gets the same budget: data, steps, batch, sequence length, lr, schedule
+and seed, given explicitly so the recipes' cpu/gpu sections do not differ between methods.
 
-Writes a markdown table (and a PNG if matplotlib is installed) between
-``<!-- bench_recipes:begin -->`` and ``<!-- bench_recipes:end -->`` in BENCHMARKS.md (created at the end
-of the file if missing), with the command, machine and date. On CPU keep the budget small, e.g.:
+Evaluated on every domain of ``gift_quant.data.EVAL_DOMAINS`` (idle, licenses): neither is ever used for
+calibration or training. Writes a markdown table (and a PNG if matplotlib is installed) between
+``<!-- bench_recipes:begin -->`` and ``<!-- bench_recipes:end -->`` in BENCHMARKS.md, with the command,
+machine and date. ``--json`` is rewritten after every method, so a run cut short keeps what it measured;
+``--from-json a.json,b.json`` merges runs done in parallel (one per bit width and seed) into one table.
 
-    python tools/bench_recipes.py --bits 2,3 --seeds 0,1 --steps 40 --eval-windows 8
+    python tools/bench_recipes.py --bits 2 --seeds 0 --steps 60 --eval-windows 8 --json /tmp/b2s0.json --no-write
 """
 from __future__ import annotations
 
@@ -33,125 +37,220 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant.io.data import eval_windows, load_texts  # noqa: E402
+from gift_quant.io.data import EVAL_DOMAINS, eval_windows, load_texts  # noqa: E402
 from gift_quant.eval.perplexity import perplexity  # noqa: E402
 from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
-METHODS = ("fp", "none", "post", "post-qni", "post-nonoise", "pre", "ste", "lora")
+METHODS = ("fp", "none", "post", "post-noise", "pre", "pre-nonoise", "ste", "lora")
+# method -> (recipe, forced noise)
+VARIANTS = {"post": ("post", "none"), "post-noise": ("post", "gaussian"), "pre": ("pre", "gaussian"),
+            "pre-nonoise": ("pre", "none")}
+_STAGE_FILES = ("compressed.json", "compressed.safetensors", "saliency.safetensors")
 
 
 def machine() -> str:
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def budget_overrides(a) -> dict:
+    """The one training budget every method gets (explicit, so no cpu/gpu recipe section differs)."""
+    return {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": 1, "train_seq_len": a.train_seq_len,
+            "lr": a.lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
+            "seq_len": 512, "dataset": "bundled", "max_train_tokens": a.max_train_tokens, "eval_every": 0,
+            "patience": 0,
+            "save_every": 0, "train_dataset": "train", "weight_decay": 0.0, "method": a.quant_method}
+
+
+def evaluate(model, evs: dict, device) -> dict:
+    model.to(device)
+    out = {d: perplexity(model, w, progress=False) for d, w in evs.items()}
+    model.to("cpu")
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--model", default=None, help="model to compress (default: the bundled SmolLM2)")
+    ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's for this device)")
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--train-seq-len", type=int, default=None)
-    ap.add_argument("--calib-samples", type=int, default=None)
-    ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of the idle text")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--train-seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-train-tokens", type=int, default=400_000, help="tokens of training text tokenized")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"],
+                    help="final quantizer (rtn: a cheap A/B on a slow machine; the table uses gptq)")
+    ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of each held-out domain")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    ap.add_argument("--json", default=None, help="also write raw results here")
-    ap.add_argument("--from-json", default=None, help="only re-render the section from a --json file of an earlier run")
+    ap.add_argument("--json", default=None, help="also write raw results here (after every method)")
+    ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md (parallel shards)")
+    ap.add_argument("--from-json", default=None, help="comma-separated --json files of earlier runs: only render")
     ap.add_argument("--budget", default=None, help="with --from-json: the budget line to print")
     ap.add_argument("--command", default=None, help="with --from-json: the command that produced the results")
+    ap.add_argument("--machine", default=None, help="with --from-json: the machine the results came from")
+    ap.add_argument("--note", default="", help="extra sentence for the section (load, what is missing)")
+    ap.add_argument("--dump-texts", default=None, help="write this Python's built-in texts to DIR and exit")
+    ap.add_argument("--texts", default=None, help="use built-in texts dumped by --dump-texts (same text on "
+                    "another machine, e.g. a GPU host whose Python lacks idlelib)")
     a = ap.parse_args(argv)
+    if a.dump_texts:
+        dump_texts(Path(a.dump_texts))
+        return
+    if a.texts:
+        use_texts(Path(a.texts))
     if a.from_json:
-        write_section(a, json.loads(Path(a.from_json).read_text()), a.budget or "see the command", None)
+        results = []
+        for f in a.from_json.split(","):
+            results += json.loads(Path(f).read_text())
+        write_section(a, results, a.budget or "see the command", None)
         return
     bits_list = [int(b) for b in a.bits.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     methods = [m for m in a.methods.split(",") if m]
-    model0, tok = load_model(None)
-    ev = eval_windows(load_texts("idle"), tok, 512, a.eval_windows)
-    results = []   # dicts: method, bits, seed, ppl, bpw, trainable, step_s, peak_mb
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model0, tok = load_model(a.model)
+    evs = {d: eval_windows(load_texts(d), tok, 512, a.eval_windows) for d in EVAL_DOMAINS}
+    results = []   # dicts: method, bits, seed, ppl {domain: ppl}, bpw, trainable, step_s, peak_mb
     t_start = time.time()
+
+    def dump():
+        if a.json:
+            tmp = Path(a.json + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(a.json)
     if "fp" in methods:
-        results.append({"method": "fp", "bits": 16, "seed": 0, "ppl": perplexity(model0, ev, progress=False),
-                        "bpw": 16.0})
-        print(f"fp: {results[-1]['ppl']:.3f}", flush=True)
+        results.append({"method": "fp", "bits": 16, "seed": 0, "ppl": evaluate(model0, evs, device), "bpw": 16.0})
+        print(json.dumps(results[-1]), flush=True)
+        dump()
     for bits in bits_list:
         for seed in seeds:
             stage = Path(tempfile.mkdtemp(prefix=f"bench-b{bits}-s{seed}-"))
             try:
                 for m in [m for m in methods if m != "fp"]:
-                    recipe = {"post-nonoise": "post", "post-qni": "post"}.get(m, m)
-                    ov = {"bits": bits, "seed": seed, "steps": a.steps, "batch_size": a.batch_size,
-                          "train_seq_len": a.train_seq_len, "calib_samples": a.calib_samples, "save_every": 0}
-                    if m == "post-nonoise":
-                        ov["noise"] = "none"
-                    if m == "post-qni":  # the paper's noise: gaussian, sigma from the target bits
-                        ov["noise"] = "gaussian"
-                    r = load_recipe(recipe, ov)
+                    recipe, noise = VARIANTS.get(m, (m, None))
+                    ov = {"bits": bits, "seed": seed, **budget_overrides(a)}
+                    if noise is not None:
+                        ov["noise"] = noise
+                    r = load_recipe(recipe, ov, device=str(device))
                     work = Path(tempfile.mkdtemp(prefix=f"bench-{m}-"))
-                    if m != "pre" and (stage / "compressed.json").exists():
-                        for f in ("compressed.json", "compressed.safetensors", "saliency.safetensors"):
+                    if recipe != "pre":
+                        for f in _STAGE_FILES:
                             if (stage / f).exists():
                                 shutil.copy(stage / f, work / f)
                     t0 = time.time()
-                    res = run_recipe(r, copy.deepcopy(model0), tok, work_dir=work, resume=True, progress=False,
-                                     eval_windows=ev)
-                    s, tr = res.summary, res.train_report
-                    if m != "pre" and not (stage / "compressed.json").exists():
-                        for f in ("compressed.json", "compressed.safetensors", "saliency.safetensors"):
+                    try:
+                        res = run_recipe(r, copy.deepcopy(model0), tok, work_dir=work, resume=True, progress=False,
+                                         device=device)
+                    except Exception as e:  # one failing method must not lose the others' results
+                        print(f"{m} bits={bits} seed={seed} FAILED: {type(e).__name__}: {e}", flush=True)
+                        results.append({"method": m, "bits": bits, "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                        dump()
+                        continue
+                    if recipe != "pre" and not (stage / "compressed.json").exists():
+                        for f in _STAGE_FILES:
                             if (work / f).exists():
                                 shutil.copy(work / f, stage / f)
                     shutil.rmtree(work, ignore_errors=True)
-                    row = {"method": m, "bits": bits, "seed": seed, "ppl": s["perplexity"],
+                    s, tr = res.summary, res.train_report
+                    row = {"method": m, "bits": bits, "seed": seed, "ppl": evaluate(res.model, evs, device),
                            "bpw": s.get("bits_per_weight"), "trainable": tr.trainable_params if tr else 0,
                            "step_s": tr.step_seconds if tr else None, "peak_mb": tr.peak_memory_mb if tr else None,
-                           "steps": tr.steps_done if tr else 0, "seconds": time.time() - t0}
+                           "steps": tr.steps_done if tr else 0, "seconds": time.time() - t0,
+                           "final_train_loss": tr.losses[-1] if tr and tr.losses else None}
                     results.append(row)
                     print(json.dumps(row), flush=True)
+                    dump()
                     del s, res
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
-    r0 = load_recipe("post", {"steps": a.steps, "batch_size": a.batch_size, "train_seq_len": a.train_seq_len,
-                              "calib_samples": a.calib_samples})
-    t, c = r0.train, r0.config
-    budget = (f"{t.steps} steps x {t.batch_size} x {t.train_seq_len} tokens (lr {t.lr}, train text "
-              f"`{t.train_dataset}`), calibration {c.calib_samples} x {c.seq_len} tokens, "
-              f"eval idle {ev.shape[0]} x 512 tokens, seeds {seeds}")
-    write_section(a, results, budget, time.time() - t_start)
+    dump()
+    if not a.no_write:
+        write_section(a, results, budget_line(a, seeds, evs), time.time() - t_start)
+
+
+def dump_texts(d: Path):
+    from gift_quant.io import data
+    d.mkdir(parents=True, exist_ok=True)
+    texts = {"topics-train": data._topics(False), "topics-heldout": data._topics(True),
+             "stdlib-docstrings": data.stdlib_docstrings(), **{k: load_texts(k) for k in EVAL_DOMAINS}}
+    for k, v in texts.items():
+        (d / f"{k}.json").write_text(json.dumps(v))
+
+
+def use_texts(d: Path):
+    """Point gift_quant.io.data's built-in sources at the dumped texts."""
+    from gift_quant.io import data
+
+    def read(k):
+        return json.loads((d / f"{k}.json").read_text())
+    data._topics = lambda heldout: read("topics-heldout" if heldout else "topics-train")
+    data.stdlib_docstrings = lambda min_chars=200: read("stdlib-docstrings")
+    data._idle_docs = lambda: read("idle")
+    data._license_texts = lambda: read("licenses")
+
+
+def budget_line(a, seeds, evs=None) -> str:
+    n = a.eval_windows if evs is None else min(w.shape[0] for w in evs.values())
+    return (f"every trained method {a.steps} steps x {a.batch_size} x {a.train_seq_len} tokens = "
+            f"{a.steps * a.batch_size * a.train_seq_len:,} training tokens (lr {a.lr:g}, 3% warm-up then linear "
+            f"decay, AdamW, no held-out selection; train text `train` = pydoc topics split + stdlib docstrings, "
+            f"{a.max_train_tokens:,} tokens tokenized), calibration {a.calib_samples} x 512 tokens, "
+            f"eval {n} x 512 tokens of each of {', '.join(EVAL_DOMAINS)}, seeds {seeds}")
 
 
 def _fmt(v, f="{:.2f}"):
     return "-" if v is None else f.format(v)
 
 
+def _ppl(r, d):
+    p = r.get("ppl")
+    return p.get(d) if isinstance(p, dict) else (p if d == EVAL_DOMAINS[0] else None)
+
+
 def table(results) -> str:
-    fp = next((r["ppl"] for r in results if r["method"] == "fp"), None)
+    ok = [r for r in results if "error" not in r]
+    domains = [d for d in EVAL_DOMAINS if any(_ppl(r, d) for r in ok)]
+    fp = {d: next((_ppl(r, d) for r in ok if r["method"] == "fp"), None) for d in domains}
     groups = {}
-    for r in results:
+    for r in ok:
         groups.setdefault((r["bits"], r["method"]), []).append(r)
-    untrained = {b: statistics.mean(x["ppl"] for x in rs) for (b, m), rs in groups.items() if m == "none"}
-    lines = ["| bits | method | bits/weight | ppl idle (mean ± spread) | / FP | log-gap closed vs none | "
-             "trainable params | train s/step | peak MB (CUDA: per run; CPU: process max RSS so far) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    untrained = {(b, d): statistics.mean(_ppl(x, d) for x in rs) for (b, m), rs in groups.items() if m == "none"
+                 for d in domains}
+    head = "| bits | method | bits/weight | " + " | ".join(
+        f"ppl {d} (mean ± half-spread, n) | {d} / FP | {d} log-gap closed" for d in domains) + \
+        " | trainable params | train s/step | final train loss |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     order = {m: i for i, m in enumerate(METHODS)}
     for (b, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
-        ppls = [x["ppl"] for x in rs]
-        mean = statistics.mean(ppls)
-        spread = (max(ppls) - min(ppls)) / 2 if len(ppls) > 1 else 0.0
-        gap = None
-        if fp and b in untrained and m not in ("none", "fp") and untrained[b] > fp:
-            gap = (math.log(untrained[b]) - math.log(mean)) / (math.log(untrained[b]) - math.log(fp))
+        cells = []
+        for d in domains:
+            ppls = [_ppl(x, d) for x in rs]
+            mean = statistics.mean(ppls)
+            spread = (max(ppls) - min(ppls)) / 2 if len(ppls) > 1 else 0.0
+            gap = None
+            u = untrained.get((b, d))
+            if fp[d] and u and m not in ("none", "fp") and u > fp[d]:
+                gap = (math.log(u) - math.log(mean)) / (math.log(u) - math.log(fp[d]))
+            cells += [f"{mean:.2f} ± {spread:.2f} ({len(ppls)})", _fmt(mean / fp[d] if fp[d] else None),
+                      _fmt(gap, "{:.0%}")]
         steps = [x.get("step_s") for x in rs if x.get("step_s")]
-        mem = [x.get("peak_mb") for x in rs if x.get("peak_mb")]
-        lines.append(f"| {b if m != 'fp' else 16} | {m} | {_fmt(rs[0].get('bpw'), '{:.3f}')} | {mean:.2f} ± {spread:.2f} "
-                     f"(n={len(ppls)}) | {_fmt(mean / fp if fp else None)} | {_fmt(gap, '{:.0%}')} | "
-                     f"{rs[0].get('trainable') or 0:,} | {_fmt(statistics.median(steps) if steps else None)} | "
-                     f"{_fmt(max(mem) if mem else None, '{:.0f}')} |")
+        losses = [x.get("final_train_loss") for x in rs if x.get("final_train_loss")]
+        lines.append(f"| {b} | {m} | {_fmt(rs[0].get('bpw'), '{:.3f}')} | " + " | ".join(cells) +
+                     f" | {rs[0].get('trainable') or 0:,} | {_fmt(statistics.median(steps) if steps else None)} | "
+                     f"{_fmt(statistics.mean(losses) if losses else None, '{:.3f}')} |")
+    errs = [r for r in results if "error" in r]
+    for r in errs:
+        lines.append(f"\n{r['method']} at {r['bits']} bits, seed {r['seed']} failed: {r['error']}")
     return "\n".join(lines)
 
 
@@ -162,21 +261,28 @@ def plot(results, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in METHODS:
-        pts = {}
-        for r in results:
-            if r["method"] == m and r.get("bpw"):
-                pts.setdefault(r["bpw"], []).append(r["ppl"])
-        if pts:
-            xs = sorted(pts)
-            ax.plot(xs, [statistics.mean(pts[x]) for x in xs], marker="o", label=m)
-    ax.set_xlabel("bits per weight (decoder Linears)")
-    ax.set_ylabel("perplexity (idle)")
-    ax.set_yscale("log")
-    ax.legend()
+    ok = [r for r in results if "error" not in r]
+    domains = [d for d in EVAL_DOMAINS if any(_ppl(r, d) for r in ok)]
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        fp = next((_ppl(r, d) for r in ok if r["method"] == "fp"), None)
+        for m in METHODS[1:]:
+            pts = {}
+            for r in ok:
+                if r["method"] == m:
+                    pts.setdefault(r["bits"], []).append(_ppl(r, d))
+            if pts:
+                xs = sorted(pts)
+                ax.plot(xs, [statistics.mean(pts[x]) / fp if fp else statistics.mean(pts[x]) for x in xs],
+                        marker="o", label=m)
+        ax.set_xlabel("bits (codes; + FP16 columns)")
+        ax.set_ylabel("perplexity / FP" if fp else "perplexity")
+        ax.set_title(f"held-out: {d}")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["bits"] for r in ok if r["method"] != "fp"}))
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return True
 
 
@@ -189,14 +295,15 @@ def write_section(a, results, budget, seconds):
         BEGIN,
         "### GIFT-SW recipes and baselines (tools/bench_recipes.py)",
         "",
-        f"`{cmd}` on {machine()}, {datetime.date.today().isoformat()}"
+        f"`{cmd}` on {getattr(a, 'machine', None) or machine()}, {datetime.date.today().isoformat()}"
         + (f", {seconds / 60:.0f} min in all." if seconds else "."),
-        f"Budget: {budget}. The GGUF weights are dequantized Q4_1, so 4-bit numbers look better than on a "
-        "true FP16 model. 'log-gap closed' = (log ppl(none) - log ppl(method)) / (log ppl(none) - log ppl(FP)).",
+        f"Budget: {budget}. {getattr(a, 'note', '') or ''}",
+        "The GGUF weights are dequantized Q4_1, so 4-bit numbers look better than on a true FP16 model. "
+        "'log-gap closed' = (log ppl(none) - log ppl(method)) / (log ppl(none) - log ppl(FP)), per domain.",
         "",
         table(results),
         "",
-        f"![ppl vs bits/weight]({png.name})" if has_png else "(matplotlib not installed: no plot)",
+        f"![ppl / FP vs bits]({png.name})" if has_png else "(matplotlib not installed: no plot)",
         END,
     ])
     text = out.read_text() if out.exists() else "# Benchmarks\n"

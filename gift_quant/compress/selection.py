@@ -27,16 +27,16 @@ def select_fp(model, samples: torch.Tensor, config, batch_size: int = 4) -> dict
     split_experts(layers, prefix, config)  # MoE hook: experts are selected (and trained by pre) per expert
     metric = config.resolved_metric()
     stats, handles, lins = {}, [], {}
+    dev = next(model.parameters()).device
     for li, layer in enumerate(layers):
         for n, lin in linears(layer, config, f"{prefix}.{li}").items():
             full = f"{prefix}.{li}.{n}"
             lins[full] = lin
-            stats[full] = ActivationStats(lin.in_features)
+            stats[full] = ActivationStats(lin.in_features, device=dev)  # on the model's device (CUDA too)
 
             def hook(_m, inp, _o, st=stats[full]):
                 st.add(inp[0].float())
             handles.append(lin.register_forward_hook(hook))
-    dev = next(model.parameters()).device
     try:
         for i in range(0, samples.shape[0], batch_size):
             model(samples[i:i + batch_size].to(dev), use_cache=False)

@@ -1,21 +1,24 @@
 """Quantization noise injection (QNI) for GIFT-SW training.
 
-For row i of a weight, with target (noise) bits b:
+The noise simulates the quantizer that will actually run, per quantization group: with Delta_g the
+step of group g (its scale: one code apart), column j of group g(j) of row i gets noise of std
+sigma = Delta_{i,g(j)} / 2.
 
-    alpha_i = clip-searched max |w_ij| over the NON-salient columns j (symmetric MSE clip search,
-              the same search the quantizer uses, per row)
-    Delta_i = alpha_i / (2^(b-1) - 1)          the step of a symmetric b-bit grid on [-alpha_i, alpha_i]
-    sigma_i = Delta_i / 2
+- ``pre`` (FP base, GPTQ later): Delta comes from the project's own quantizer
+  (:func:`gift_quant.quant.fit_params`) at the run's bits, group size, sym/asym and MSE clip search,
+  fitted on the non-salient columns of each static group (j // group_size) of the weight being trained.
+- ``post`` (frozen GPTQ codes): Delta is the stored fp16 scale of each group, as packed.
+
+Why Delta/2 and not a row maximum over 2^(b-1)-1: the row maximum of asymmetric group codes is 1.2-2x
+the real step at 2 bits and the noise then drowns the signal (issue 13).
 
 Kinds:
-- ``gaussian`` (default, the paper's): N(0, sigma_i^2), i.e. std Delta_i / 2.
-- ``uniform``: U[-Delta_i/2, Delta_i/2], the distribution of a rounding error on that grid
-  (std Delta_i / sqrt(12), smaller than the Gaussian's). Chosen over "uniform with the same std"
-  because it is what rounding actually does; the Gaussian is the paper's deliberate over-estimate.
-- ``none``: no noise (the ablation).
+- ``gaussian`` (the paper's): N(0, (Delta/2)^2).
+- ``uniform``: U[-Delta/2, Delta/2], the distribution of a rounding error (std Delta/sqrt(12)).
+- ``none``: no noise.
 
-Noise is drawn from an explicit seed so the backward pass regenerates exactly the forward's
-perturbed weight instead of storing a second weight-sized tensor.
+Noise is drawn from an explicit seed so the backward pass regenerates exactly the forward's perturbed
+weight instead of storing a second weight-sized tensor.
 """
 from __future__ import annotations
 
@@ -33,63 +36,60 @@ def check_kind(kind: str) -> str:
 
 
 @torch.no_grad()
-def row_step(W: torch.Tensor, bits: int, salient_idx: torch.Tensor | None = None, mse: bool = True,
-             grid: int = 20, max_shrink: float = 0.8, sample_cols: int = 256) -> torch.Tensor:
-    """Delta_i [out] from the non-salient columns of ``W`` [out, in].
+def group_step(W: torch.Tensor, bits: int, group_size: int, sym: bool, salient_idx: torch.Tensor | None = None,
+               mse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Delta [out, G], g_idx [in]): the quantizer's step per static group of ``W`` [out, in].
 
-    alpha_i starts at max |w_ij|; with ``mse`` it is shrunk on a ``grid`` (steps of 1/grid down to
-    1 - max_shrink) to the value minimising the squared error of symmetric b-bit rounding. The error
-    is measured on a fixed subset of ``sample_cols`` columns (all when fewer) to keep this cheap on
-    large layers; the maximum is always taken over all non-salient columns. Without ``mse`` (used for
-    ``post``, whose base is already clip-searched codes) alpha_i is the plain row max.
+    Each group's scale is fitted by :func:`gift_quant.quant.fit_params` on its non-salient columns
+    (the same fit GPTQ and RTN use); a group made only of salient columns keeps step 0 (no noise).
     """
-    if bits < 2:
-        raise GiftError(f"noise bits must be >= 2, got {bits}")
+    from gift_quant.core.quantizer import SUPPORTED_BITS, fit_params, group_ids, n_groups
+    if bits not in SUPPORTED_BITS:
+        raise GiftError(f"noise bits must be one of {SUPPORTED_BITS}, got {bits}")
     W = W.detach().float()
+    out_f, in_f = W.shape
+    gid = group_ids(in_f, group_size).to(W.device)
+    keep = torch.ones(in_f, dtype=torch.bool, device=W.device)
     if salient_idx is not None and salient_idx.numel():
-        mask = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
-        mask[salient_idx.long().to(W.device)] = False
-        W = W[:, mask]
-    if W.shape[1] == 0:
-        return torch.zeros(W.shape[0], device=W.device)
-    levels = 2 ** (bits - 1) - 1
-    amax = W.abs().amax(dim=1)
-    alpha = amax.clone()
-    if mse:
-        if W.shape[1] > sample_cols:
-            g = torch.Generator().manual_seed(0)
-            cols = torch.randperm(W.shape[1], generator=g)[:sample_cols].to(W.device)
-            Ws = W[:, cols]
-        else:
-            Ws = W
-        best = None
-        for i in range(int(max_shrink * grid) + 1):
-            a = amax * (1 - i / grid)
-            step = (a / levels).clamp_min(1e-12)[:, None]
-            err = (torch.clamp(torch.round(Ws / step), -levels - 1, levels) * step - Ws).square().sum(1)
-            if best is None:
-                best = err
-                continue
-            better = err < best
-            best = torch.where(better, err, best)
-            alpha = torch.where(better, a, alpha)
-    return alpha / levels
+        keep[salient_idx.long().to(W.device)] = False
+    G = n_groups(in_f, group_size)
+    gs = in_f if group_size <= 0 else group_size
+    # all groups in one fit: rows x groups become rows. A zero entry never changes the fit (the range
+    # always includes 0, and 0 is coded exactly), so salient columns and the last group's padding are 0.
+    Wp = torch.zeros(out_f, G * gs, device=W.device)
+    Wp[:, :in_f] = W * keep
+    s, _ = fit_params(Wp.view(out_f * G, gs), bits, sym, mse)
+    delta = s.view(out_f, G)
+    has_cols = torch.zeros(G, dtype=torch.bool, device=W.device).index_fill_(0, gid[keep], True)
+    return delta * has_cols, gid
 
 
-def sample(shape, delta: torch.Tensor, kind: str, seed: int, device, dtype) -> torch.Tensor:
-    """Noise [out, in] for per-row steps ``delta`` [out], reproducible from ``seed``."""
+def stored_step(scales: torch.Tensor, g_idx: torch.Tensor, bits: int, noise_bits: int | None = None):
+    """(Delta [out, G], g_idx [in]) of packed codes: the stored scales [G, out] themselves.
+
+    With ``noise_bits`` != ``bits`` the same group range is split into 2^noise_bits - 1 steps instead.
+    """
+    from gift_quant.core.quantizer import max_code
+    delta = scales.detach().float().t().contiguous()
+    if noise_bits and noise_bits != bits:
+        delta = delta * (max_code(bits) / max_code(noise_bits))
+    return delta, g_idx.detach().long()
+
+
+def sample(shape, delta: torch.Tensor, g_idx: torch.Tensor, kind: str, seed: int, device, dtype) -> torch.Tensor:
+    """Noise [out, in] for group steps ``delta`` [out, G] and column groups ``g_idx`` [in], from ``seed``."""
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
+    step = delta.to(device=device, dtype=dtype)[:, g_idx.to(device)]
     if kind == "gaussian":
-        n = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        return n.mul_((delta / 2).to(dtype)[:, None])
+        return torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(step.mul_(0.5))
     if kind == "uniform":
-        n = torch.rand(shape, generator=g, device=device, dtype=dtype).sub_(0.5)
-        return n.mul_(delta.to(dtype)[:, None])
+        return torch.rand(shape, generator=g, device=device, dtype=dtype).sub_(0.5).mul_(step)
     raise GiftError(f"no noise to sample for kind {kind!r}")
 
 
 def expected_std(delta: torch.Tensor, kind: str) -> torch.Tensor:
+    """Std of the noise for steps ``delta`` (any shape)."""
     if kind == "gaussian":
         return delta / 2
     if kind == "uniform":

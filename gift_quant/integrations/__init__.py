@@ -1,1 +1,3 @@
-"""Other libraries' entry points: transformers, Optimum-style, PEFT, GPTQ checkpoints, lm-eval."""
+"""Other libraries' entry points: transformers, Optimum-style, PEFT, GPTQ checkpoints, lm-eval, vLLM.
+
+Each submodule imports its library lazily."""

@@ -4,7 +4,11 @@ Built-in text ships with CPython, so everything works offline:
 - ``bundled`` (calibration/training): ``pydoc_data.topics`` minus a fixed held-out fifth of its topics;
 - ``topics-heldout``: that held-out fifth (same domain, never used for calibration or training);
 - ``idle`` (default evaluation): the IDLE manual and IDLE's NEWS file, another domain, never used for
-  calibration or training.
+  calibration or training;
+- ``licenses`` (second evaluation domain, legal English rather than Python documentation): CPython's
+  LICENSE.txt, then the top-level license files of the installed distributions gift-quant requires
+  (sorted, duplicates dropped). Never used for calibration or training; it follows the installed
+  versions, so compare its perplexities only within one environment.
 Anything else is a local .txt / .jsonl / .json / .parquet file or folder read through ``datasets``, or a
 hub dataset name where a hub is reachable.
 """
@@ -20,7 +24,10 @@ import torch
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
 
-BUILTIN = ("bundled", "topics-heldout", "idle")
+BUILTIN = ("bundled", "topics-heldout", "idle", "licenses")
+EVAL_DOMAINS = ("idle", "licenses")   # held-out evaluation domains the defaults never train or calibrate on
+_LICENSED_DISTS = ("accelerate", "datasets", "gguf", "numpy", "pyyaml", "safetensors", "tokenizers", "torch",
+                   "tqdm", "transformers")
 # local data files by suffix -> the datasets builder that reads them (.txt/.md are read directly)
 _FILE_KINDS = {".txt": None, ".md": None, ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -68,6 +75,38 @@ def _idle_docs() -> list[str]:
     return out
 
 
+def _license_texts() -> list[str]:
+    import hashlib
+    import importlib.metadata as md
+    import sysconfig
+    out, seen = [], set()
+
+    def add(text):
+        text = text.strip()
+        key = hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
+        if len(text) >= 200 and key not in seen:
+            seen.add(key)
+            out.append(text)
+    lic = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if lic.is_file():
+        add(lic.read_text(encoding="utf-8", errors="replace"))
+    for name in _LICENSED_DISTS:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        files = sorted(str(f) for f in dist.files or [])
+        for f in files:
+            parts = f.split("/")
+            if (len(parts) in (2, 3) and parts[0].endswith(".dist-info") and (len(parts) == 2 or parts[1] == "licenses")
+                    and parts[-1].upper().startswith(("LICENSE", "COPYING", "NOTICE"))):
+                add(dist.read_text("/".join(parts[1:])) or "")
+    if not out:
+        raise GiftError("the built-in evaluation text 'licenses' found no license files in this install; "
+                        "pass --dataset FILE")
+    return out
+
+
 def _texts_from_records(ds, text_field: str | None) -> list[str]:
     cols = ds.column_names
     field = text_field or next((c for c in ("text", "content", "document") if c in cols), None)
@@ -84,6 +123,8 @@ def load_texts(source: str | None = None, split: str = "train", text_field: str 
         return _topics(heldout=True)
     if source == "idle":
         return _idle_docs()
+    if source == "licenses":
+        return _license_texts()
     path = Path(os.path.expanduser(source))
     if path.suffix in _FILE_KINDS and not path.exists():
         raise GiftError(f"dataset file not found: {source}")

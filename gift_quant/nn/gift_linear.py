@@ -7,7 +7,8 @@
   columns live only in ``salient_weight``: nothing is stored twice.
 - ``salient_weight`` [out, k] is the only trainable tensor (fp32 master copy).
 - In training mode each forward adds quantization noise (:mod:`gift_quant.core.noise`) to the non-salient
-  columns, freshly sampled per call from a seed drawn from torch's global RNG. The backward pass
+  columns, std half the quantizer's step of each group (``delta`` [out, G], ``g_idx`` [in]), freshly
+  sampled per call from a seed drawn from torch's global RNG. The backward pass
   regenerates the same noise from that seed instead of keeping a perturbed copy of the weight.
 - A custom autograd Function computes grad(salient_weight) = grad_out^T @ x[..., idx] and
   grad(x) = grad_out @ (base + noise) (+ the salient part): a dense weight gradient is never formed.
@@ -30,41 +31,40 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _weight(base, idx, delta, kind, seed, dtype):
+def _weight(base, idx, delta, g_idx, kind, seed, dtype):
     if seed is None:
         return base.to(dtype)  # no noise: the buffer itself (no copy when the dtype matches)
     w = base.to(dtype, copy=True)
-    if seed is not None:
-        w.add_(qni.sample(w.shape, delta, kind, seed, w.device, dtype))
-        if idx.numel():
-            w[:, idx] = 0
+    w.add_(qni.sample(w.shape, delta, g_idx, kind, seed, w.device, dtype))
+    if idx.numel():
+        w[:, idx] = 0
     return w
 
 
 class _GiftLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, salient_weight, base, idx, delta, bias, kind, seed):
+    def forward(ctx, x, salient_weight, base, idx, delta, g_idx, bias, kind, seed):
         dt = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dt)
-            w = _weight(base, idx, delta, kind, seed, dt)
+            w = _weight(base, idx, delta, g_idx, kind, seed, dt)
             y = F.linear(xc, w, None if bias is None else bias.to(dt))
             del w
             x_sal = xc[..., idx]
             if idx.numel():
                 y = y + F.linear(x_sal, salient_weight.to(dt))
-        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta)
+        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta, g_idx)
         ctx.kind, ctx.seed, ctx.dt, ctx.x_dtype = kind, seed, dt, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x_sal, salient_weight, base, idx, delta = ctx.saved_tensors
+        x_sal, salient_weight, base, idx, delta, g_idx = ctx.saved_tensors
         dt = ctx.dt
         gy = gy.to(dt)
         gx = gs = None
         if ctx.needs_input_grad[0]:
-            w = _weight(base, idx, delta, ctx.kind, ctx.seed, dt)
+            w = _weight(base, idx, delta, g_idx, ctx.kind, ctx.seed, dt)
             gx = gy @ w
             del w
             if idx.numel():
@@ -73,7 +73,7 @@ class _GiftLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             out, k = salient_weight.shape
             gs = gy.reshape(-1, out).t().to(salient_weight.dtype) @ x_sal.reshape(-1, k).to(salient_weight.dtype)
-        return gx, gs, None, None, None, None, None, None
+        return gx, gs, None, None, None, None, None, None, None
 
 
 class GiftLinear(nn.Module):
@@ -82,6 +82,7 @@ class GiftLinear(nn.Module):
     def __init__(self, base: torch.Tensor, salient_idx: torch.Tensor, salient_weight: torch.Tensor,
                  bias: torch.Tensor | None = None, bits: int = 4, noise: str = "gaussian",
                  noise_bits: int | None = None, mode: str = "pre", delta: torch.Tensor | None = None,
+                 g_idx: torch.Tensor | None = None, group_size: int = 128, sym: bool = False,
                  clip_search: bool = True):
         super().__init__()
         qni.check_kind(noise)
@@ -99,8 +100,14 @@ class GiftLinear(nn.Module):
         self.register_buffer("base", base)
         self.register_buffer("salient_idx", idx)
         if delta is None:
-            delta = qni.row_step(base, self.noise_bits, idx, mse=clip_search) if noise != "none" else torch.zeros(out_f)
+            if noise != "none":  # pre: the quantizer's own step per group, at the noise bits
+                delta, g_idx = qni.group_step(base, self.noise_bits, group_size, sym, idx, mse=clip_search)
+            else:
+                delta, g_idx = torch.zeros(out_f, 1), torch.zeros(in_f, dtype=torch.long)
+        if g_idx is None or tuple(g_idx.shape) != (in_f,) or delta.ndim != 2 or delta.shape[0] != out_f:
+            raise GiftError(f"noise steps must be delta [{out_f}, G] with g_idx [{in_f}]")
         self.register_buffer("delta", delta.detach().float().to(base.device))
+        self.register_buffer("g_idx", g_idx.detach().long().to(base.device))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
         self._packed = None  # the MixedPrecisionLinear a post module writes back into (not a submodule)
@@ -108,20 +115,22 @@ class GiftLinear(nn.Module):
     # ---- conversions ---------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, lin: nn.Linear, salient_idx: torch.Tensor, bits: int, noise: str = "gaussian",
-                    noise_bits: int | None = None) -> "GiftLinear":
-        """``pre``: FP base. Delta comes from the FP weight's non-salient columns."""
+                    noise_bits: int | None = None, group_size: int = 128, sym: bool = False,
+                    clip_search: bool = True) -> "GiftLinear":
+        """``pre``: FP base. Delta per group from the quantizer that will run (bits, groups, sym, clip)."""
         W = lin.weight.detach().float()
         idx = salient_idx.long().to(W.device)
-        return cls(W.clone(), idx, W[:, idx], lin.bias, bits, noise, noise_bits, mode="pre")
+        return cls(W.clone(), idx, W[:, idx], lin.bias, bits, noise, noise_bits, mode="pre",
+                   group_size=group_size, sym=sym, clip_search=clip_search)
 
     @classmethod
-    def from_mixed(cls, mpl, noise: str = "gaussian", noise_bits: int | None = None) -> "GiftLinear":
+    def from_mixed(cls, mpl, noise: str = "none", noise_bits: int | None = None) -> "GiftLinear":
         """``post``: the frozen dequantized codes of ``mpl`` (salient slots are 0 by construction).
-        Delta_i uses the row max of the dequantized non-salient codes (they are clip-searched already)."""
+        Delta per group is the stored scale, so sigma = scale / 2: the real step of the codes."""
         base = mpl.dequantize_base(torch.float32)
-        # the codes are already clip-searched: alpha_i is the row max of the dequantized base
+        delta, g_idx = qni.stored_step(mpl.scales, mpl.g_idx, mpl.bits, noise_bits)
         m = cls(base, mpl.salient_idx.long(), mpl.salient_weight.detach(), mpl.bias, mpl.bits, noise,
-                noise_bits, mode="post", clip_search=False)
+                noise_bits, mode="post", delta=delta, g_idx=g_idx)
         m._packed = mpl
         return m
 
@@ -152,8 +161,8 @@ class GiftLinear(nn.Module):
         seed = None
         if self.training and self.noise != "none":
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # global RNG: seeded per step by the trainer
-        return _GiftLinearFn.apply(x, self.salient_weight, self.base, self.salient_idx, self.delta, self.bias,
-                                   self.noise, seed)
+        return _GiftLinearFn.apply(x, self.salient_weight, self.base, self.salient_idx, self.delta, self.g_idx,
+                                   self.bias, self.noise, seed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.salient_idx.numel()}, "

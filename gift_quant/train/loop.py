@@ -1,8 +1,9 @@
 """Training loop for the GIFT-SW recipes (and the STE / LoRA baselines).
 
 - Causal-LM loss on packed windows; for chat data the labels of non-assistant tokens are -100.
-- AdamW (paper defaults: lr 1e-4, weight decay 0), linear warmup over ``warmup_ratio`` of the steps,
-  then constant (or cosine decay), gradient accumulation, bf16 autocast on CUDA, fp32 on CPU.
+- AdamW (paper defaults: lr 1e-4, weight decay 0), warmup over ``warmup_ratio`` of the steps, then
+  linear decay to 0 (the method's schedule; ``cosine`` or ``constant`` on request), from transformers'
+  ``get_scheduler``; gradient accumulation, bf16 autocast on CUDA, fp32 on CPU.
 - Only parameters with ``requires_grad`` train; everything else is frozen.
 - Checkpoints every ``save_every`` steps into ``work_dir`` (:mod:`gift_quant.train.state`).
 - Held-out split: ``val`` windows (from the training corpus) are scored every ``eval_every`` steps;
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,14 +33,24 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def lr_at(step: int, s: TrainSettings) -> float:
-    warm = max(1, int(math.ceil(s.warmup_ratio * s.steps))) if s.warmup_ratio > 0 else 0
-    if step < warm:
-        return s.lr * (step + 1) / warm
-    if s.schedule == "cosine":
-        t = (step - warm) / max(1, s.steps - warm)
-        return s.lr * 0.5 * (1 + math.cos(math.pi * t))
-    return s.lr
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def warmup_steps(s: TrainSettings) -> int:
+    return max(1, int(math.ceil(s.warmup_ratio * s.steps))) if s.warmup_ratio > 0 else 0
+
+
+def make_scheduler(opt, s: TrainSettings, start: int = 0):
+    """transformers' scheduler for ``s.schedule``, advanced to step ``start`` (for resume)."""
+    from transformers import get_scheduler
+    if s.schedule not in SCHEDULES:
+        raise GiftError(f"schedule must be one of {', '.join(SCHEDULES)}, got {s.schedule!r}")
+    sched = get_scheduler(SCHEDULES[s.schedule], opt, num_warmup_steps=warmup_steps(s), num_training_steps=s.steps)
+    with warnings.catch_warnings():  # replaying steps without optimizer steps is intended here
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            sched.step()
+    return sched
 
 
 def batch_rows(step: int, micro: int, n: int, s: TrainSettings, rank: int = 0, world: int = 1,
@@ -114,6 +126,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
         if work_dir is not None and main:
             save_state(work_dir, step, names, opt, best, rep, recipe_fingerprint, s)
 
+    sched = make_scheduler(opt, s, start)
     n = windows.shape[0]
     tokens_per_step = s.batch_size * s.grad_accum * world * windows.shape[1]
     bad_evals = 0
@@ -125,8 +138,6 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
                disable=not (s.progress and main))
     for step in bar:
         t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, s)
         torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)  # noise seeds: a function of (seed, step, rank)
         loss_sum = 0.0
         for micro in range(s.grad_accum):
@@ -145,6 +156,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
         if s.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for _, p in names], s.max_grad_norm)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         rep.losses.append(loss_sum)
         dt = time.time() - t0

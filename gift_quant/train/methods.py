@@ -81,7 +81,8 @@ class NoTraining(Method):
 
 @register_method("post")
 class Post(Method):
-    """GIFT-SW post: compress, then train the FP16 columns on the frozen codes (with noise), write them back."""
+    """GIFT-SW post: compress, then train the FP16 columns on the frozen codes (no noise by default, as the
+    method's public code; opt-in noise has sigma = half each group's stored scale), write them back."""
 
     def prepare(self, run):
         self.compress(run)
@@ -106,8 +107,10 @@ class Pre(Method):
         self.salient = select_fp(run.model, run.samples.to(run.device), run.config)
         layers, prefix = decoder_layers(run.model)
         s, bits = run.recipe.train, run.config.bits
+        cfg = run.config  # the noise imitates the quantizer that will run: its bits, groups, sym and clip search
         swap_modules(layers, lambda n, m: GiftLinear.from_linear(m, self.salient[f"{prefix}.{n}"], bits, s.noise,
-                                                                 s.noise_bits).to(run.device),
+                                                                 s.noise_bits, cfg.group_size, cfg.sym,
+                                                                 cfg.mse_clip).to(run.device),
                      (torch.nn.Linear,), where=lambda n: f"{prefix}.{n}" in self.salient)
 
     def finalize(self, run):

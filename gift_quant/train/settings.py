@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from gift_quant.core.noise import NOISE_KINDS
+from gift_quant.core.quantizer import SUPPORTED_BITS
 from gift_quant.settings import setting, validate
 
 
@@ -25,12 +26,13 @@ class TrainSettings:
     lr: float = setting(1e-4, "AdamW learning rate", lo=0, lo_open=True, flag="--lr")
     warmup_ratio: float = setting(0.03, "share of the steps with a linear warmup", lo=0, hi=1, hi_open=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", lo=0)
-    schedule: str = setting("constant", "learning rate after warmup", choices=("constant", "cosine"))
+    schedule: str = setting("linear", "learning rate after warmup (transformers' get_scheduler)",
+                            choices=("linear", "cosine", "constant"))
     max_grad_norm: float = setting(1.0, "gradient clipping norm (null: none)", types=(float,), lo=0, nullable=True)
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")
-    noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,), lo=2,
-                              nullable=True)
+    noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,),
+                              choices=SUPPORTED_BITS, nullable=True)
     lora_rank: int = setting(None, "lora recipe: LoRA rank (null: GIFT's trainable-parameter count)",
                              types=(int,), lo=1, nullable=True)
     val_windows: int = setting(4, "held-out training windows for early stopping", lo=0)

@@ -33,7 +33,7 @@ def _save_stage(model, cfg, report, work_dir: Path, fp: str):
                                        "bits_per_weight": report.bits_per_weight})
 
 
-def _load_stage(model, work_dir: Path, fp: str):
+def _load_stage(model, work_dir: Path, fp: str, recipe: str):
     from safetensors.torch import load_file
 
     from gift_quant.integrations.transformers import replace_linears
@@ -44,7 +44,7 @@ def _load_stage(model, work_dir: Path, fp: str):
     if meta.get("fingerprint") != fp:
         raise GiftError(f"cannot resume from {work_dir}: it was written for a different model or recipe; "
                         "delete it or change --output")
-    cfg = GiftConfig.from_dict(meta["config"])
+    cfg = GiftConfig.from_dict({**meta["config"], "recipe": recipe})  # the stage is the same for every recipe
     replace_linears(model, cfg, dtype=torch.float16)
     missing = model.load_state_dict(load_file(str(work_dir / STAGE)), strict=False)
     if any(k.rsplit(".", 1)[-1] in ("qweight", "scales", "salient_weight") for k in missing.missing_keys):
@@ -57,9 +57,10 @@ def compress_stage(config: GiftConfig, model, samples, work_dir, resume: bool, d
                    salient=None):
     """(config, report or None when reloaded, bits per weight). Every rank compresses (deterministically);
     only rank 0 writes the shared state."""
-    fp = fingerprint(model, {k: v for k, v in config.to_dict().items() if k != "salient_counts"})
+    # the compressed stage does not depend on the recipe that trains after it (tools/bench_recipes shares it)
+    fp = fingerprint(model, {k: v for k, v in config.to_dict().items() if k not in ("salient_counts", "recipe")})
     if resume and work_dir is not None:
-        got = _load_stage(model, Path(work_dir), fp)
+        got = _load_stage(model, Path(work_dir), fp, config.recipe)
         if got is not None:
             return got[0], None, got[1]
     writer = work_dir is not None and is_main_process()

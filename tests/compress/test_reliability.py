@@ -114,9 +114,9 @@ BAD_RECIPES = [
     ("cpu: [1, 2]", "'cpu' must be a mapping"),
     ("n_salient: [1]", "'n_salient' must be int/null"),
     ("lr: 1e-4", "write 1.0e-4"),  # YAML 1.1 reads 1e-4 (no dot) as a string
-    ("lr: .inf", "lr must be a finite number"),
-    ("max_grad_norm: -1.0", "max_grad_norm must be >= 0"),
-    ("noise_bits: 1", "noise_bits must be >= 2"),
+    ("lr: .inf", "lr: must be a finite number"),
+    ("max_grad_norm: -1.0", "max_grad_norm: must be >= 0"),
+    ("noise_bits: 1", "noise_bits: must be one of 2, 3, 4, 8"),
     ("bits: 5", "bits"),
     ("bits: 3\nbits: 4", "key 'bits' is given twice"),
     ("bits: [unclosed", "not valid YAML"),

@@ -28,3 +28,20 @@ def test_bench_offload_memory_tiny_cpu(tmp_path):
     assert r["compress_seconds"] > 0 and 3 < r["bits_per_weight"] < 16
     lines = p.stdout.strip().splitlines()
     assert lines[0].startswith("| shape") and lines[-1].startswith("| 2 x 256 / 512, 1000 |")
+
+
+def test_bench_recipes_tiny_model_two_domains(tmp_path, tiny_model_dir):
+    out, js = tmp_path / "B.md", tmp_path / "b.json"
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_recipes.py"), "--model", str(tiny_model_dir),
+                        "--bits", "3", "--seeds", "0", "--methods", "fp,none,post,pre-nonoise", "--steps", "2",
+                        "--batch-size", "2", "--train-seq-len", "32", "--calib-samples", "4", "--eval-windows", "1",
+                        "--max-train-tokens", "5000", "--device", "cpu", "--out", str(out), "--json", str(js)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(js.read_text())
+    assert [r["method"] for r in rows] == ["fp", "none", "post", "pre-nonoise"]
+    assert all(set(r["ppl"]) == {"idle", "licenses"} and all(v > 1 for v in r["ppl"].values()) for r in rows)
+    assert rows[2]["steps"] == 2 and rows[2]["trainable"] > 0
+    text = out.read_text()
+    assert "ppl licenses" in text and "| 3 | pre-nonoise |" in text and "2 steps x 2 x 32 tokens" in text

@@ -60,16 +60,16 @@ def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_di
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     full = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w1", progress=False, device="cpu").model
-    real = T.lr_at
+    real = T.batch_rows
 
-    def boom(step, s):
+    def boom(step, *a):
         if step == 3:
             raise KeyboardInterrupt
-        return real(step, s)
-    monkeypatch.setattr(T, "lr_at", boom)
+        return real(step, *a)
+    monkeypatch.setattr(T, "batch_rows", boom)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", progress=False, device="cpu")
-    monkeypatch.setattr(T, "lr_at", real)
+    monkeypatch.setattr(T, "batch_rows", real)
     assert json.loads((tmp_path / "w2" / "train_state.json").read_text())["step"] == 2
     s = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", resume=True, progress=False, device="cpu")
     assert s.train_report.resumed_from == 2

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gift_quant import GiftError
 from gift_quant.core import noise as qni
 from gift_quant.nn import GiftLinear
 from gift_quant.nn.swap import swap_modules
@@ -77,7 +78,7 @@ def test_custom_grad_matches_float64_reference():
     y.square().sum().backward()
     torch.manual_seed(5)
     seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    W = g.base.double() + qni.sample(g.base.shape, g.delta, "gaussian", seed, "cpu", torch.float32).double()
+    W = g.base.double() + qni.sample(g.base.shape, g.delta, g.g_idx, "gaussian", seed, "cpu", torch.float32).double()
     W[:, idx] = 0
     S = g.salient_weight.detach().double().clone().requires_grad_()
     xd = x.detach().double().requires_grad_()
@@ -88,46 +89,72 @@ def test_custom_grad_matches_float64_reference():
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-4)
 
 
-def test_row_step_matches_formula():
-    torch.manual_seed(2)
-    W = torch.randn(16, 100, dtype=torch.float64)
-    idx = torch.tensor([0, 5])
-    got = qni.row_step(W.float(), 3, idx)
-    Wn = W[:, [j for j in range(100) if j not in (0, 5)]]
-    levels = 2 ** 2 - 1
-    want = []
-    for row in Wn:
-        amax = row.abs().max()
-        best = None
-        for i in range(17):
-            a = amax * (1 - i / 20)
-            step = a / levels
-            err = ((torch.clamp(torch.round(row / step), -levels - 1, levels) * step - row) ** 2).sum()
-            if best is None or err < best[0]:
-                best = (err, a)
-        want.append(best[1] / levels)
-    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("bits,sym,gs", [(2, False, 32), (3, True, 32), (4, False, -1)])
+def test_pre_delta_comes_from_the_real_quantizer(bits, sym, gs):
+    """pre's Delta per group is the scale the project's quantizer (RTN with the same fit as GPTQ) stores."""
+    from gift_quant.core.gptq import rtn_quantize
+    torch.manual_seed(bits)
+    lin = torch.nn.Linear(100, 24)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(1, 100) * 3)  # columns of different range, like real layers
+    idx = torch.tensor([0, 5, 33, 99])
+    g = GiftLinear.from_linear(lin, idx, bits, "gaussian", group_size=gs, sym=sym)
+    qw = rtn_quantize(lin.weight.detach(), bits, gs, sym, idx, mse=True)
+    torch.testing.assert_close(g.delta, qw.scales.t().float(), rtol=0, atol=0)
+    assert torch.equal(g.g_idx, qw.g_idx)
+    # noise std is half that step, per element of each group
+    torch.testing.assert_close(qni.expected_std(g.delta, "gaussian")[:, g.g_idx], qw.scales[qw.g_idx].t() / 2)
+    # the step is the real rounding step: |w - Q(w)| <= Delta/2 wherever the clip search did not clip
+    Wq = qw.dequantize(with_salient=True)
+    err = (Wq - lin.weight.detach()).abs()
+    assert (err <= g.delta[:, g.g_idx] / 2 + 1e-6).float().mean() > 0.9
+    if gs > 0:  # a group made only of salient columns gets no noise
+        g0 = GiftLinear.from_linear(lin, torch.arange(gs), bits, "gaussian", group_size=gs, sym=sym)
+        assert torch.all(g0.delta[:, 0] == 0) and torch.all(g0.delta[:, 1:] > 0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_post_noise_sigma_is_half_the_stored_group_scale(act_order):
+    from gift_quant.nn import MixedPrecisionLinear
+    mpl = MixedPrecisionLinear.random(256, 64, 2, group_size=64, n_salient=8, act_order=act_order,
+                                      dtype=torch.float32, seed=int(act_order))
+    g = GiftLinear.from_mixed(mpl, "gaussian")
+    sigma = qni.expected_std(g.delta, "gaussian")[:, g.g_idx]          # [out, in]
+    want = mpl.scales.float()[mpl.g_idx.long()].t() / 2
+    assert torch.equal(sigma, want)
+    # the sampled noise has that std per group (fresh draws)
+    n = qni.sample((64, 256), g.delta, g.g_idx, "gaussian", 123, "cpu", torch.float64)
+    for grp in range(4):
+        cols = mpl.g_idx.long() == grp
+        ratio = (n[:, cols] / want[:, cols].double()).std()
+        assert 0.93 < ratio < 1.07
+    # noise_bits splits the same stored range into more steps
+    g4 = GiftLinear.from_mixed(mpl, "gaussian", noise_bits=4)
+    torch.testing.assert_close(g4.delta, g.delta * 3 / 15)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "uniform"])
 def test_noise_std_matches_formula(kind):
     torch.manual_seed(3)
-    g = GiftLinear.from_linear(torch.nn.Linear(128, 32, bias=False), torch.arange(0, 128, 8), bits=2, noise=kind)
-    n_ns = 128 - 16
+    g = GiftLinear.from_linear(torch.nn.Linear(128, 32, bias=False), torch.arange(0, 128, 8), bits=2, noise=kind,
+                               group_size=32)
     want = qni.expected_std(g.delta, kind)
     assert torch.allclose(want, g.delta / (2 if kind == "gaussian" else 12 ** 0.5))
+    mask = torch.ones(128, dtype=torch.bool)
+    mask[g.salient_idx] = False
+    var_row = want[:, g.g_idx][:, mask].square().sum(1)   # E[(x N^T)_i^2] = sum_j sigma_ij^2 for x ~ N(0, I)
     est = torch.zeros(32)
     reps = 40
     for _ in range(reps):
         x = torch.randn(256, 128)  # fresh random inputs; noise resampled per call
         with torch.no_grad():
             d = g.train()(x) - g.eval()(x)
-        est += d.square().mean(0) / n_ns  # E[(x N^T)_i^2] = ||N_i||^2 = n_ns * sigma_i^2
+        est += d.square().mean(0)
         # salient columns get no noise
         xs = torch.zeros(4, 128)
         xs[:, 8] = 1.0
         assert torch.allclose(g.train()(xs), g.eval()(xs))
-    ratio = (est / reps).sqrt() / want
+    ratio = (est / reps / var_row).sqrt()
     assert 0.85 < ratio.mean() < 1.15 and ratio.min() > 0.6 and ratio.max() < 1.5
 
 
@@ -154,3 +181,54 @@ def test_train_loop_lowers_loss_and_only_touches_salient():
     rep = train(m, data, TrainSettings(steps=25, lr=1e-2, batch_size=4, progress=False))
     assert rep.losses[-1] < rep.losses[0]
     assert all(torch.equal(base[n], b) for n, b in m.named_buffers())
+
+
+def test_schedule_warms_up_then_decays_linearly(monkeypatch):
+    import gift_quant.train.loop as T
+    seen = []
+    real = T.make_scheduler
+
+    def spy(opt, s, start=0):
+        sched = real(opt, s, start)
+        step = sched.step
+
+        def record():
+            seen.append(opt.param_groups[0]["lr"])  # the lr the optimizer step just used
+            step()
+        sched.step = record
+        return sched
+    monkeypatch.setattr(T, "make_scheduler", spy)
+    m = gift_tiny(noise="none")
+    data = torch.randint(0, 16, (8, 16))
+    train(m, data, TrainSettings(steps=20, lr=1e-2, warmup_ratio=0.1, batch_size=2, progress=False))
+    assert len(seen) == 20
+    peak = seen.index(max(seen))
+    assert peak == 2 and max(seen) == pytest.approx(1e-2)              # 2 warm-up steps, then the peak lr
+    assert all(a < b for a, b in zip(seen[:peak], seen[1:peak + 1]))
+    assert all(a > b for a, b in zip(seen[peak:], seen[peak + 1:]))    # strictly decaying after warm-up
+    assert seen[-1] == pytest.approx(1e-2 / 18)                         # linear to 0 at step 20
+    # constant and cosine are opt-in; resume replays the schedule to the same lr
+    def opt():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = TrainSettings(steps=10, lr=1.0, warmup_ratio=0.1)
+    assert real(opt(), s, start=6).get_last_lr()[0] == pytest.approx(4 / 9)
+    s.schedule = "constant"
+    assert real(opt(), s, start=6).get_last_lr()[0] == pytest.approx(1.0)
+    s.schedule = "bogus"
+    with pytest.raises(GiftError, match="schedule"):
+        real(opt(), s)
+
+
+def test_eval_domains_are_disjoint_from_training_and_calibration(tmp_path, monkeypatch):
+    """Both held-out domains ship offline and share no document with the default train/calib text."""
+    from gift_quant.io.data import EVAL_DOMAINS, load_texts, load_train_texts
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path))
+    train_text = "\n".join(load_train_texts("train") + load_texts("bundled"))
+    for name in EVAL_DOMAINS:
+        docs = load_texts(name)
+        assert sum(len(d) for d in docs) > 40_000, name          # enough for 20 windows of 512 tokens
+        for d in docs:
+            probe = " ".join(d.split())[:300]
+            assert probe not in " ".join(train_text.split()), (name, probe[:60])
+    lic, idle = load_texts("licenses"), load_texts("idle")
+    assert not set(lic) & set(idle)
