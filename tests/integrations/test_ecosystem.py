@@ -111,7 +111,7 @@ def test_quantize_on_load_tokenizer_field(tiny_model_dir, tmp_path):
                      tokenizer=char_tokenizer())
     m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg)
     m.save_pretrained(tmp_path / "q")
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["tokenizer"] is None
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"].get("tokenizer") is None
     bad = GiftConfig(bits=4, group_size=32, dataset=TEXTS, calib_samples=2, seq_len=32, tokenizer=str(tmp_path / "x"))
     with pytest.raises(GiftError, match="tokenizer"):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bad)
