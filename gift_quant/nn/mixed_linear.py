@@ -57,9 +57,10 @@ class MixedPrecisionLinear(nn.Module):
     @torch.no_grad()
     def random(cls, in_features: int, out_features: int, bits: int, group_size: int = 128, n_salient: int = 0,
                bias: bool = False, act_order: bool = False, dtype: torch.dtype = torch.float16,
-               seed: int = 0) -> "MixedPrecisionLinear":
+               seed: int = 0, salient_idx=None) -> "MixedPrecisionLinear":
         """A valid layer with random codes, scales, zeros and FP16 columns (kernel tests, speed benchmarks
-        of model shapes; never for accuracy claims)."""
+        of model shapes; never for accuracy claims). ``salient_idx`` places the FP16 columns (default:
+        ``n_salient`` random ones)."""
         gen = torch.Generator().manual_seed(seed)
         K, N = in_features, out_features
         G = n_groups(K, group_size)
@@ -70,7 +71,11 @@ class MixedPrecisionLinear(nn.Module):
         codes = torch.randint(0, 2 ** bits, (N, K), generator=gen)
         zeros = torch.randint(0, 2 ** bits, (G, N), generator=gen)
         scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.002)
-        sal = torch.randperm(K, generator=gen)[:n_salient].sort().values
+        if salient_idx is None:
+            sal = torch.randperm(K, generator=gen)[:n_salient].sort().values
+        else:
+            sal = torch.tensor(sorted(salient_idx), dtype=torch.long)
+            n_salient = sal.numel()
         codes[:, sal] = zeros[g_idx[sal]].t()
         m = cls(K, N, bits, group_size, n_salient, bias, dtype)
         m.qweight.copy_(pack_qweight(codes.to(torch.int32), bits))

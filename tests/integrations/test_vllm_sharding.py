@@ -2,12 +2,8 @@
 import pytest
 import torch
 
-from gift_quant.integrations.vllm._deps import (
-    mixed_linear_forward,
-    n_groups,
-    pack_qweight,
-    pack_qzeros,
-)
+from gift_quant.integrations.vllm._deps import mixed_linear_forward
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 from gift_quant.integrations.vllm.sharding import (
     GiftTensors,
     codes_of,
@@ -21,23 +17,12 @@ from gift_quant.integrations.vllm.sharding import (
 
 
 def random_layer(K, N, bits, group_size, salient, act_order, bias=True, seed=0, dtype=torch.float16):
-    """A valid gift layer: random codes/zeros/scales, salient slots at their zero-point."""
-    gen = torch.Generator().manual_seed(seed)
-    G = n_groups(K, group_size)
-    gs = group_size if group_size > 0 else K
-    order = torch.randperm(K, generator=gen) if act_order else torch.arange(K)
-    g_idx = torch.empty(K, dtype=torch.long)
-    g_idx[order] = torch.arange(K) // gs
-    codes = torch.randint(0, 2 ** bits, (N, K), generator=gen)
-    zeros = torch.randint(0, 2 ** bits, (G, N), generator=gen)
-    sal = torch.tensor(sorted(salient), dtype=torch.long)
-    codes[:, sal] = zeros[g_idx[sal]].t()
-    return GiftTensors(
-        qweight=pack_qweight(codes.to(torch.int32), bits), qzeros=pack_qzeros(zeros.to(torch.int32), bits),
-        scales=(torch.rand(G, N, generator=gen) * 0.02 + 0.002).to(dtype), g_idx=g_idx.to(torch.int32),
-        salient_idx=sal.to(torch.int32), salient_weight=(torch.randn(N, len(sal), generator=gen) * 0.05).to(dtype),
-        bias=(torch.randn(N, generator=gen) * 0.1).to(dtype) if bias else None,
-        bits=bits, group_size=group_size, in_features=K, out_features=N)
+    """A valid gift layer (random codes/zeros/scales, FP16 columns at ``salient``) as checkpoint tensors."""
+    m = MixedPrecisionLinear.random(K, N, bits, group_size, bias=bias, act_order=act_order, dtype=dtype,
+                                    seed=seed, salient_idx=salient)
+    return GiftTensors(qweight=m.qweight, qzeros=m.qzeros, scales=m.scales, g_idx=m.g_idx,
+                       salient_idx=m.salient_idx, salient_weight=m.salient_weight.data, bias=m.bias, bits=bits,
+                       group_size=group_size, in_features=K, out_features=N)
 
 
 K, N = 192, 96
