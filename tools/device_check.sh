@@ -42,7 +42,7 @@ if [ "$SMOKE" = 1 ]; then
   SMOL="64 128 2 4 2 512"; DEV=cpu
   OFFL="--device cpu --layers 2 --hidden 256 --intermediate 512 --heads 4 --vocab 1000 --samples 4 --seq-len 64"
 else
-  KSHAPE=""; E2E="--new-tokens 64"; SMOL="576 1536 30 9 3 49152"; DEV=cuda; OFFL="--layers 4"
+  KSHAPE=""; E2E="--new-tokens 64"; SMOL="576 1536 30 9 3 49152"; DEV=cuda; OFFL="--layers 2 --samples 32"
 fi
 # (plain strings, split on purpose: the parts run in `bash -c` under `timeout`, and arrays do not export)
 WORK=$(mktemp -d)
@@ -176,7 +176,7 @@ if cuda:
     torch.cuda.reset_peak_memory_stats()
 t = time.time()
 rc = main(["compress", "--model", src, "--bits", "2", "--recipe", "post", "--steps", "60",
-           "--device", dev, "--output", dst] + ([] if cuda else ["--calib-samples", "4", "--steps", "2"]))
+           "--device", dev, "--output", dst, "--eval-dataset", "topics-heldout"] + ([] if cuda else ["--calib-samples", "4", "--steps", "2"]))
 r = {"rc": rc, "wall_s": round(time.time() - t, 1),
      "peak_gpu_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
      "peak_gpu_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
@@ -194,9 +194,10 @@ EOF
 
 part_offload() {
   section "Offload memory: compressing the 7B shape with the model on CPU (4 layers)"
-  $PY tools/bench_offload_memory.py $OFFL --json "$OUT/offload.json" --quiet 2>&1 | tail -n 5 | tee "$WORK/offload.txt"
+  # streamed (no --quiet, no tail in the pipe): a run killed by its timeout still leaves its progress in the log
+  $PY tools/bench_offload_memory.py $OFFL --json "$OUT/offload.json" 2>&1 | tee "$WORK/offload.txt"
   local rc=${PIPESTATUS[0]}
-  cat "$WORK/offload.txt" >>"$REPORT"
+  tail -n 5 "$WORK/offload.txt" >>"$REPORT"
   return "$rc"
 }
 

@@ -57,7 +57,11 @@ class _TextOnly(html.parser.HTMLParser):
 
 
 def _idle_docs() -> list[str]:
-    import idlelib
+    try:
+        import idlelib
+    except ImportError:  # some Python builds (slim images) leave idlelib out
+        raise GiftError("the built-in evaluation text 'idle' needs the stdlib's idlelib, which this Python "
+                        "lacks; pass --eval-dataset topics-heldout, licenses or a FILE") from None
     root = Path(idlelib.__file__).parent
     out = []
     help_html = root / "help.html"
