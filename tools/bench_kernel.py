@@ -231,14 +231,20 @@ def main(argv=None):
                     row["us_fp16"] = time_calls([lambda x=xs[i], w=ws[i % fp_copies]: F.linear(x, w)
                                                  for i in range(fp_copies)], device) * 1e6
                     if "triton" in backends:
-                        for path, gmt in (("gemv", BIG), ("gemm", 0)):
+                        from gift_quant.kernels import triton_ops
+                        default_prefill = triton_ops.PREFILL_PATH
+                        for path, gmt in (("gemv", BIG), ("gemm", 0), ("dequant", 0)):
                             if path == "gemv" and batch > 16:
                                 continue  # the GEMV is for decode (<= 16 tokens)
-                            row[f"err_triton_{path}"] = err(run("triton", xs[0], base, gmt))
-                            timings[f"triton_{path}"] = time_calls(
-                                [lambda x=xs[i], m=layers[i]: run("triton", x, m, gmt) for i in range(copies)],
-                                device)
-                        auto = "gemv" if batch <= dispatch.GEMV_MAX_TOKENS else "gemm"
+                            triton_ops.PREFILL_PATH = default_prefill if path == "gemv" else path
+                            try:
+                                row[f"err_triton_{path}"] = err(run("triton", xs[0], base, gmt))
+                                timings[f"triton_{path}"] = time_calls(
+                                    [lambda x=xs[i], m=layers[i]: run("triton", x, m, gmt) for i in range(copies)],
+                                    device)
+                            finally:
+                                triton_ops.PREFILL_PATH = default_prefill
+                        auto = "gemv" if batch <= dispatch.GEMV_MAX_TOKENS else default_prefill
                         row["triton_auto_path"] = auto
                     if "cuda" in backends and cuda and meta.get("cuda_build") == "ok":
                         row["err_cuda"] = err(run("cuda", xs[0], base))
@@ -323,7 +329,8 @@ def markdown(meta, rows, a, backends) -> str:
              f"{a.group_size}, {a.dtype}{', act-order' if a.act_order else ''}. CUDA-graph replay over weight "
              f"copies covering {a.l2_factor:g}x L2, median per call. Command: "
              f"`python tools/bench_kernel.py {' '.join(meta['argv'])}`.", ""]
-    cols = ["K x N", "bits", "batch", "fp16 us", "triton gemv us", "triton gemm us", "auto path", "speedup",
+    cols = ["K x N", "bits", "batch", "fp16 us", "triton gemv us", "triton gemm us", "dequant+mm us", "auto path",
+            "speedup",
             "ideal", "of ideal", "GB/s", "% copy bw"]
     if "cuda" in backends:
         cols += ["C++ us", "C++ speedup"]
@@ -338,7 +345,8 @@ def markdown(meta, rows, a, backends) -> str:
         gbs = r["bytes"] / (t_auto * 1e-6) / 1e9 if t_auto else None
         errs = [v for k, v in r.items() if k.startswith("err_")]
         cells = [f"{r['K']}x{r['N']}", str(r["bits"]), str(r["batch"]), _f(r["us_fp16"], ".1f"),
-                 _f(r.get("us_triton_gemv"), ".1f"), _f(r.get("us_triton_gemm"), ".1f"), auto or "-",
+                 _f(r.get("us_triton_gemv"), ".1f"), _f(r.get("us_triton_gemm"), ".1f"),
+                 _f(r.get("us_triton_dequant"), ".1f"), auto or "-",
                  _f(sp, ".2f") + ("x" if sp else ""), _f(r["ideal"], ".2f") + "x",
                  _f(sp / r["ideal"] if sp else None, ".2f"), _f(gbs, ".0f"),
                  _f(100 * gbs / bw if gbs and bw else None, ".0f") + ("%" if gbs and bw else "")]
@@ -349,7 +357,8 @@ def markdown(meta, rows, a, backends) -> str:
         cells += [_f(max(errs) if errs else None, ".1e")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "speedup, GB/s and % copy bw are for the path `auto` picks at that batch (GEMV up to "
-              f"GIFT_QUANT_GEMV_MAX_TOKENS={meta['gemv_max_tokens']} tokens, else the tl.dot GEMM); ideal = fp16 "
+              f"GIFT_QUANT_GEMV_MAX_TOKENS={meta['gemv_max_tokens']} tokens, else GIFT_QUANT_TRITON_PREFILL: "
+              "dequant = W^T written once then torch's GEMM, gemm = the tl.dot kernel); ideal = fp16 "
               "bytes / gift bytes (packed base, scales, zeros, FP16 columns, x, y); 'of ideal' = speedup / ideal."]
     return "\n".join(lines) + "\n"
 

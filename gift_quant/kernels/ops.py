@@ -17,10 +17,9 @@ from .prepare import PreparedLinear, prepare, prepared_forward
 GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "8"))
 
 
-@torch.library.custom_op("gift_quant::mixed_linear", mutates_args=())
-def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
-                    salient_weight: Tensor, salient_idx: Tensor, bias: Optional[Tensor], bits: int,
-                    in_features: int, out_features: int, gemv_max_tokens: int, chunk_uniform: bool) -> Tensor:
+def _forward(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
+             salient_weight: Tensor, salient_idx: Tensor, bias: Optional[Tensor], bits: int,
+             in_features: int, out_features: int, gemv_max_tokens: int, chunk_uniform: bool) -> Tensor:
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
     ext = build.extension() if x.is_cuda else None
@@ -37,6 +36,14 @@ def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scal
     return y.reshape(*lead, out_features)
 
 
+@torch.library.custom_op("gift_quant::mixed_linear", mutates_args=())
+def mixed_linear_op(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
+                    salient_weight: Tensor, salient_idx: Tensor, bias: Optional[Tensor], bits: int,
+                    in_features: int, out_features: int, gemv_max_tokens: int, chunk_uniform: bool) -> Tensor:
+    return _forward(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, bits, in_features,
+                    out_features, gemv_max_tokens, chunk_uniform)
+
+
 @mixed_linear_op.register_fake
 def _(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, bits, in_features,
       out_features, gemv_max_tokens, chunk_uniform):
@@ -47,7 +54,7 @@ def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_
     """The op on a layer's prepared layout; FP16 columns and bias in the activation dtype."""
     sw = layer.salient_weight.detach().to(x.dtype).contiguous()
     b = None if layer.bias is None else layer.bias.to(x.dtype).contiguous()
-    return torch.ops.gift_quant.mixed_linear(x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw,
-                                             layer.salient_idx.to(torch.int32).contiguous(), b, layer.bits,
-                                             layer.in_features, layer.out_features, gemv_max_tokens,
-                                             p.chunk_uniform)
+    # eager calls the body directly: the custom-op dispatch is for tracing, and costs more than a decode kernel
+    op = torch.ops.gift_quant.mixed_linear if torch.compiler.is_compiling() else _forward
+    return op(x, p.qweight, p.perm, p.gidx, p.scales, p.zeros, sw, layer.salient_idx.to(torch.int32).contiguous(),
+              b, layer.bits, layer.in_features, layer.out_features, gemv_max_tokens, p.chunk_uniform)

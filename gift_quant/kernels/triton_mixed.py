@@ -5,7 +5,10 @@
   along N), extracts codes with shift/mask, turns them into floats with the 2^23 mantissa trick (OR +
   FSUB instead of a slow int-to-float), subtracts the chunk's zero-point and FMAs with x in fp32;
   the chunk's scale is applied once per 32 codes. The FP16 columns are more rows of the same walk.
-- ``gemm``: prefill. ``tl.dot`` on a [BM, BK] x [BK, BN] tile whose weights are dequantized in
+- ``dequant``: prefill (the default). One pass writes W^T in the activation dtype, then cuBLAS: the
+  bytes of one fp16 weight written and read again, against the ``gemm`` kernel's 6-12x fp16 time at 16-64
+  tokens on an H200 (BENCHMARKS.md).
+- ``gemm``: prefill, opt-in. ``tl.dot`` on a [BM, BK] x [BK, BN] tile whose weights are dequantized in
   registers (rounded to the activation dtype, like the PyTorch path), plus the FP16 columns.
 
 Both run under ``TRITON_INTERPRET=1`` on CPU tensors (fp16/fp32; the interpreter has no bf16), which is
@@ -157,7 +160,57 @@ def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
              mask=mmask[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit(do_not_specialize=["K", "C"])
+def _dequant_kernel(qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, w_ptr, K, Np, C,
+                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, IDENTITY: tl.constexpr):
+    """W^T [K, Np] in the activation dtype: W chunks x BN columns per program, each packed row written to
+    its input feature (padding rows dropped). Salient rows come out 0 (their codes are the zero-point)."""
+    PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    NPL: tl.constexpr = 2 if BITS == 3 else BITS
+    ch = tl.program_id(0) * W + tl.arange(0, W)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = ch < C
+    mask2 = cmask[:, None] & (offs_n < Np)[None, :]
+    g = tl.load(gch_ptr + ch, mask=cmask, other=0)
+    sc = tl.load(s_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
+    zf = tl.load(z_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0).to(tl.float32) + 8388608.0
+    if BITS == 3:
+        wh = tl.load(qw_ptr + (ch[:, None] * 3 + 2) * Np + offs_n[None, :], mask=mask2, other=0)
+    else:
+        wh = 0
+    for p in tl.static_range(NPL):
+        wl = tl.load(qw_ptr + (ch[:, None] * BITS + p) * Np + offs_n[None, :], mask=mask2, other=0)
+        for j in tl.static_range(PPW):
+            code = _codes(BITS, p, j, wl, wh)
+            v = ((code | 0x4B000000).to(tl.float32, bitcast=True) - zf) * sc
+            rows = ch * 32 + (p * PPW + j)
+            if IDENTITY:
+                dst = rows
+                ok = cmask & (rows < K)
+            else:
+                dst = tl.load(perm_ptr + rows, mask=cmask, other=-1)
+                ok = dst >= 0
+            tl.store(w_ptr + dst[:, None] * Np + offs_n[None, :], v.to(w_ptr.dtype.element_ty),
+                     mask=ok[:, None] & (offs_n < Np)[None, :])
+
+
 _alloc = torch.empty  # tests swap in a NaN-filled allocator: an unwritten output cannot pass
+
+
+def dequantize_t(L: TritonLayout, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's full weight, transposed: W^T [K, Np] in ``dtype`` (FP16 columns included)."""
+    K, Np = L.in_features, L.qweight.shape[1]
+    w = _alloc(K, Np, dtype=dtype, device=L.qweight.device)
+    if K == 0:
+        return w
+    W = 8 if INTERPRET else 4
+    BN = min(64, max(16, _next_pow2(Np))) if INTERPRET else 128
+    grid = (triton.cdiv(L.chunks, W), triton.cdiv(Np, BN))
+    _dequant_kernel[grid](L.qweight, L.perm, L.gchunk, L.scales, L.zeros, w, K, Np, L.chunks,
+                          BITS=L.bits, W=W, BN=BN, IDENTITY=L.identity_rows, num_warps=4)
+    if L.sal_w.shape[0]:
+        w.index_add_(0, L.sal_idx, L.sal_w.to(dtype))  # padding entries add 0 to feature 0
+    return w
 
 
 def _next_pow2(n: int) -> int:
@@ -186,11 +239,17 @@ def _check(x: torch.Tensor, L: TritonLayout):
 
 
 def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config: dict | None = None) -> torch.Tensor:
-    """y [M, N] = x2d [M, K] @ W^T (+ bias) with the layout's weights; ``path`` is 'gemv' or 'gemm';
-    ``config`` overrides the tile choice (benchmark sweeps)."""
+    """y [M, N] = x2d [M, K] @ W^T (+ bias) with the layout's weights; ``path`` is 'gemv', 'gemm' or
+    'dequant' (W^T written once in the activation dtype, then the library GEMM); ``config`` overrides the
+    tile choice (benchmark sweeps)."""
     _check(x2d, L)
     M, K = x2d.shape
     N, Np = L.out_features, L.qweight.shape[1]
+    if path == "dequant":
+        if M == 0:
+            return _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
+        wt = dequantize_t(L, x2d.dtype)[:, :N]
+        return torch.addmm(L.bias, x2d, wt) if L.bias is not None else x2d @ wt
     y = _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
     if M == 0:
         return y
@@ -211,5 +270,5 @@ def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config:
                            IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None,
                            IEEE=x2d.dtype == torch.float32, num_warps=cfg["num_warps"])
     else:
-        raise ValueError(f"path must be 'gemv' or 'gemm', got {path!r}")
+        raise ValueError(f"path must be 'gemv', 'gemm' or 'dequant', got {path!r}")
     return y

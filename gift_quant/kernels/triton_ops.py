@@ -3,7 +3,8 @@
 A custom op with a fake implementation lets ``torch.compile(fullgraph=True)`` trace it and
 ``mode="reduce-overhead"`` capture it in CUDA graphs. The kernels compile on their first eager call per
 specialization; ``gift_quant.nn.dispatch.prepare_model`` makes those calls before any capture.
-Decode (tokens <= ``gemv_max_tokens``) runs the fused GEMV, longer inputs the ``tl.dot`` GEMM.
+Decode (tokens <= ``gemv_max_tokens``) runs the fused GEMV; longer inputs run ``PREFILL_PATH``:
+``dequant`` (W^T written once, then the library GEMM) or ``gemm`` (the ``tl.dot`` kernel).
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from torch import Tensor
 
 from .layout import TritonLayout
 
+PREFILL_PATHS = ("dequant", "gemm")
+PREFILL_PATH = os.environ.get("GIFT_QUANT_TRITON_PREFILL", "dequant")
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -23,24 +27,35 @@ def interpreting() -> bool:
 @torch.library.custom_op("gift_quant::mixed_linear_triton", mutates_args=())
 def mixed_linear_triton(x: Tensor, qweight: Tensor, perm: Tensor, gchunk: Tensor, scales: Tensor, zeros: Tensor,
                         sal_w: Tensor, sal_idx: Tensor, bias: Optional[Tensor], bits: int, in_features: int,
-                        out_features: int, identity_rows: bool, gemv_max_tokens: int) -> Tensor:
+                        out_features: int, identity_rows: bool, gemv_max_tokens: int, prefill: str) -> Tensor:
     from . import triton_mixed
     L = TritonLayout(qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_features, out_features,
                      identity_rows)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features)
-    path = "gemv" if x2d.shape[0] <= gemv_max_tokens else "gemm"
+    path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
     return triton_mixed.mixed_linear(x2d, L, path).reshape(*lead, out_features)
 
 
 @mixed_linear_triton.register_fake
 def _(x, qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_features, out_features,
-      identity_rows, gemv_max_tokens):
+      identity_rows, gemv_max_tokens, prefill):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = 8) -> Tensor:
-    """The op on a prepared layout. ``gemv_max_tokens`` 0 forces the GEMM, a large value the GEMV."""
+def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = 8, prefill: str | None = None) -> Tensor:
+    """The op on a prepared layout. ``gemv_max_tokens`` 0 forces the prefill path, a large value the GEMV;
+    ``prefill`` (default ``PREFILL_PATH``) is 'dequant' or 'gemm'."""
+    prefill = prefill or PREFILL_PATH
+    if prefill not in PREFILL_PATHS:
+        raise ValueError(f"GIFT_QUANT_TRITON_PREFILL must be one of {', '.join(PREFILL_PATHS)}, got {prefill!r}")
+    if not torch.compiler.is_compiling():
+        # eager: the op's body directly. The custom-op dispatch is what tracing needs, and in eager it
+        # costs more than the decode kernel itself (tools/bench_dispatch_overhead.py)
+        from . import triton_mixed
+        x2d = x.reshape(-1, L.in_features)
+        path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
+        return triton_mixed.mixed_linear(x2d, L, path).reshape(*x.shape[:-1], L.out_features)
     return torch.ops.gift_quant.mixed_linear_triton(x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w,
                                                     L.sal_idx, L.bias, L.bits, L.in_features, L.out_features,
-                                                    L.identity_rows, gemv_max_tokens)
+                                                    L.identity_rows, gemv_max_tokens, prefill)

@@ -93,7 +93,8 @@ def _unique_key_loader():
 def _read_yaml(spec: str) -> tuple[dict, str]:
     import yaml
     path = Path(spec).expanduser()
-    if spec.endswith((".yaml", ".yml")) or path.is_file():
+    # a built-in name wins over a stray local file of that name (`--recipe none` beside a file `none`)
+    if spec.endswith((".yaml", ".yml")) or (spec not in builtin_names() and path.is_file()):
         if not path.is_file():
             raise GiftError(f"recipe file not found: {spec}")
         where = str(path)

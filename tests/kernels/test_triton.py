@@ -75,13 +75,33 @@ def test_triton_forward_matches_float64(case, poisoned):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_triton_decode_and_prefill_paths_agree_for_every_token_count(bits, poisoned, monkeypatch):
-    """The GEMV (decode) and the tl.dot GEMM (prefill) on the same layer, tokens 1/3/8/17/64."""
+    """The GEMV (decode), the dequantize-then-GEMM and the tl.dot GEMM (prefill) on the same layer,
+    tokens 1/3/8/17/64."""
+    from gift_quant.kernels import triton_ops
     layer = _layer(200, 40, bits, 64, 7, True, 11 + bits)
     tokens = _TOKENS if bits == 4 else _TOKENS[:2]
-    for t, gmt in [(t, g) for t in tokens for g in ((0, 64) if t <= 17 else (0,))]:
-        monkeypatch.setattr(dispatch, "GEMV_MAX_TOKENS", gmt)  # 0: always the GEMM, 64: always the GEMV
+    for t, gmt, pre in [(t, g, p) for t in tokens for g in ((0, 64) if t <= 17 else (0,)) for p in
+                        triton_ops.PREFILL_PATHS]:
+        monkeypatch.setattr(dispatch, "GEMV_MAX_TOKENS", gmt)  # 0: always the prefill path, 64: always the GEMV
+        monkeypatch.setattr(triton_ops, "PREFILL_PATH", pre)
         x = torch.randn(t, 200, device=DEV).to(torch.float16)
-        _check(layer, x, torch.float16, f"bits={bits} tokens={t} gemv_max_tokens={gmt}")
+        _check(layer, x, torch.float16, f"bits={bits} tokens={t} gemv_max_tokens={gmt} prefill={pre}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_triton_dequantize_t_writes_every_weight_exactly(bits, poisoned):
+    """The prefill path's W^T (act-order, ragged groups, FP16 columns, column padding) equals the layer's
+    own dequantization in float32: each element is one code, one zero, one scale."""
+    from gift_quant.kernels import triton_mixed
+    layer = _layer(300, 45, bits, 64, 9, bits % 2 == 1, 40 + bits)
+    L = dispatch.prepared(layer, "triton", torch.float32)
+    wt = triton_mixed.dequantize_t(L, torch.float32)
+    assert wt.shape == (300, L.qweight.shape[1]) and not wt.isnan().any()
+    torch.testing.assert_close(wt[:, :45].cpu(), layer.dequantize(torch.float32).t().cpu(), rtol=1e-6, atol=1e-6)
+    assert wt[:, 45:].abs().sum() == 0                                   # padding columns hold zeros
+    with pytest.raises(ValueError, match="GIFT_QUANT_TRITON_PREFILL"):
+        from gift_quant.kernels import triton_ops
+        triton_ops.run(torch.randn(20, 300, device=DEV), L, 0, "fast")
 
 
 def test_triton_3d_input_and_no_bias(poisoned):
@@ -193,7 +213,7 @@ def test_triton_op_opcheck_and_compile_fullgraph(poisoned):
         ref = layer(x)
     L = dispatch.prepared(layer, "triton", torch.float16)
     args = (x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, L.bias, 2, 96, 40,
-            L.identity_rows, 8)
+            L.identity_rows, 8, "dequant")
     torch.library.opcheck(torch.ops.gift_quant.mixed_linear_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     f = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")

@@ -102,6 +102,15 @@ def test_recipe_yaml_errors(tmp_path):
     assert load_recipe("post", device="cuda").train.steps > load_recipe("post", device="cpu").train.steps
 
 
+def test_builtin_recipe_name_wins_over_a_local_file(tmp_path, monkeypatch):
+    """`--recipe none` run in a folder that holds a file named `none` still means the built-in recipe."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "none").write_text("not a recipe: [")
+    assert load_recipe("none").method == "none"
+    with pytest.raises(GiftError, match="not valid YAML"):            # a path to it is still read
+        load_recipe(str(tmp_path / "none"))
+
+
 def test_empty_or_short_training_data(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

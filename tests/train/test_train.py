@@ -232,3 +232,12 @@ def test_eval_domains_are_disjoint_from_training_and_calibration(tmp_path, monke
             assert probe not in " ".join(train_text.split()), (name, probe[:60])
     lic, idle = load_texts("licenses"), load_texts("idle")
     assert not set(lic) & set(idle)
+
+
+def test_idle_text_without_idlelib_is_a_one_line_error(monkeypatch):
+    """Slim Pythons (the GPU image's) have no idlelib: the default eval text must say so, not crash."""
+    import sys
+    from gift_quant.io.data import load_texts
+    monkeypatch.setitem(sys.modules, "idlelib", None)   # makes `import idlelib` raise ImportError
+    with pytest.raises(GiftError, match="idlelib.*--eval-dataset"):
+        load_texts("idle")
