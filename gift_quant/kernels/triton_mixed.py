@@ -45,6 +45,19 @@ def _codes(BITS: tl.constexpr, P: tl.constexpr, J: tl.constexpr, wl, wh):
         return (wl >> (BITS * J)) & ((1 << BITS) - 1)
 
 
+@triton.jit
+def _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, BITS: tl.constexpr):
+    """Per chunk and column: scale, zero-point + 2^23 (for the mantissa trick) and the 3-bit high plane."""
+    g = tl.load(gch_ptr + ch, mask=cmask, other=0)
+    sc = tl.load(s_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
+    zf = tl.load(z_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0).to(tl.float32) + 8388608.0
+    if BITS == 3:
+        wh = tl.load(qw_ptr + (ch[:, None] * 3 + 2) * Np + offs_n[None, :], mask=mask2, other=0)
+    else:
+        wh = tl.zeros_like(sc).to(tl.int32)
+    return sc, zf, wh
+
+
 @triton.jit(do_not_specialize=["M", "K", "N", "C", "KS", "stride_xm", "stride_ym"])
 def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
                  M, K, N, Np, C, KS, stride_xm, stride_ym,
@@ -65,14 +78,8 @@ def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
         ch = c0 + offs_w
         cmask = ch < C
         mask2 = cmask[:, None] & nmask[None, :]
-        g = tl.load(gch_ptr + ch, mask=cmask, other=0)
-        sc = tl.load(s_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
-        zf = tl.load(z_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0).to(tl.float32) + 8388608.0
+        sc, zf, wh = _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, BITS)
         part = tl.zeros((W, BN), dtype=tl.float32)
-        if BITS == 3:
-            wh = tl.load(qw_ptr + (ch[:, None] * 3 + 2) * Np + offs_n[None, :], mask=mask2, other=0)
-        else:
-            wh = 0
         for p in tl.static_range(NPL):
             wl = tl.load(qw_ptr + (ch[:, None] * BITS + p) * Np + offs_n[None, :], mask=mask2, other=0)
             for j in tl.static_range(PPW):
@@ -171,13 +178,7 @@ def _dequant_kernel(qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, w_ptr, K, Np, C,
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     cmask = ch < C
     mask2 = cmask[:, None] & (offs_n < Np)[None, :]
-    g = tl.load(gch_ptr + ch, mask=cmask, other=0)
-    sc = tl.load(s_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
-    zf = tl.load(z_ptr + g[:, None] * Np + offs_n[None, :], mask=mask2, other=0).to(tl.float32) + 8388608.0
-    if BITS == 3:
-        wh = tl.load(qw_ptr + (ch[:, None] * 3 + 2) * Np + offs_n[None, :], mask=mask2, other=0)
-    else:
-        wh = 0
+    sc, zf, wh = _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, BITS)
     for p in tl.static_range(NPL):
         wl = tl.load(qw_ptr + (ch[:, None] * BITS + p) * Np + offs_n[None, :], mask=mask2, other=0)
         for j in tl.static_range(PPW):
