@@ -21,13 +21,13 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # the self-check runs the real kernel once, on CPU
 os.environ["GIFT_QUANT_KERNEL"] = "triton"
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gift_quant.kernels import triton_mixed, triton_ops  # noqa: E402
-from gift_quant.nn import dispatch  # noqa: E402
-from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
+from gift_quant.kernels import triton_mixed, triton_ops
+from gift_quant.nn import dispatch
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
 
 def per_call_us(f, calls: int, repeats: int = 5) -> float:
@@ -73,8 +73,8 @@ def main(argv=None):
         finally:
             triton_mixed.mixed_linear = real
     dense = rows[0][1]
-    lines = [f"Host time per call, kernel launch stubbed ({platform.processor() or platform.machine()}, "
-             f"1 thread, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}), median of 5 x {a.calls} calls:",
+    lines = [(f"Host time per call, kernel launch stubbed ({platform.processor() or platform.machine()}, "
+              f"1 thread, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}), median of 5 x {a.calls} calls:"),
              "", "| what | us per call | vs dense F.linear |", "|---|---|---|"]
     lines += [f"| {name} | {us:.1f} | {us / dense:.2f}x |" for name, us in rows]
     text = "\n".join(lines) + "\n"

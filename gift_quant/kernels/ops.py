@@ -5,16 +5,14 @@ in CUDA graphs (``mode="reduce-overhead"``). On tensors the extension cannot tak
 op runs :func:`prepared_forward`, the same math in PyTorch (the dispatcher only routes CUDA fp16/bf16
 inputs here, after the build and a self-check succeeded).
 """
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import build
-from .prepare import PreparedLinear, prepare, prepared_forward
+from .prepare import PreparedLinear, prepared_forward
 
-GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "8"))
 
 
 def _forward(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
@@ -50,7 +48,7 @@ def _(x, qweight, perm, gidx, scales, zeros, salient_weight, salient_idx, bias, 
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int = GEMV_MAX_TOKENS) -> Tensor:
+def run_op(x: Tensor, layer, p: PreparedLinear, gemv_max_tokens: int) -> Tensor:
     """The op on a layer's prepared layout; FP16 columns and bias in the activation dtype."""
     sw = layer.salient_weight.detach().to(x.dtype).contiguous()
     b = None if layer.bias is None else layer.bias.to(x.dtype).contiguous()

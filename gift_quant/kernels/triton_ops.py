@@ -16,6 +16,9 @@ from torch import Tensor
 
 from .layout import TritonLayout
 
+# token counts up to this take the GEMV (one program per token), more the prefill path; from the H200
+# table the GEMV beats fp16 at 1 token and loses from 4 (BENCHMARKS.md)
+GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "4"))
 PREFILL_PATHS = ("dequant", "gemm")
 PREFILL_PATH = os.environ.get("GIFT_QUANT_TRITON_PREFILL", "dequant")
 
@@ -43,7 +46,7 @@ def _(x, qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_fe
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = 8, prefill: str | None = None) -> Tensor:
+def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = GEMV_MAX_TOKENS, prefill: str | None = None) -> Tensor:
     """The op on a prepared layout. ``gemv_max_tokens`` 0 forces the prefill path, a large value the GEMV;
     ``prefill`` (default ``PREFILL_PATH``) is 'dequant' or 'gemm'."""
     prefill = prefill or PREFILL_PATH

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import torch_path
+from ..kernels.triton_ops import (
+    GEMV_MAX_TOKENS,  # GIFT_QUANT_GEMV_MAX_TOKENS (tests patch it here)
+)
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 _ALIASES = {"off": "torch", "0": "torch", "false": "torch", "no": "torch", "": "auto", "pytorch": "torch"}
 _CACHE_ATTR = "_gift_kernel_cache"
-# token counts up to this take the GEMV (one program per token), more the tl.dot GEMM; a guess until the
-# device table (tools/bench_kernel.py, both paths forced) says where they cross
-GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "4"))
 
 _warned: set = set()
 _checked: dict = {}
