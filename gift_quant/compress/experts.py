@@ -36,13 +36,27 @@ def split_experts(layers: nn.Module, prefix: str, config) -> list[str]:
     return split_fused_experts(layers, lambda n: config.is_converted(f"{prefix}.{n}"))
 
 
+def expert_key(name: str) -> tuple[str, str] | None:
+    """(experts module, projection) of an expert Linear's name, else None."""
+    m = _EXPERT.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def add_to_pool(pool: ActivationStats | None, st: ActivationStats) -> ActivationStats:
+    """``pool`` + ``st`` in place (a fresh pool for None), as :func:`_pooled` sums them."""
+    if pool is None:
+        pool = ActivationStats(st.xtx.shape[0], device=st.xtx.device, dtype=st.xtx.dtype)
+    pool.n += st.n
+    pool.xtx += st.xtx
+    pool.abs_sum += st.abs_sum
+    pool.abs_max = torch.maximum(pool.abs_max, st.abs_max)
+    return pool
+
+
 def _pooled(stats: list[ActivationStats]) -> ActivationStats:
-    p = ActivationStats(stats[0].xtx.shape[0], device=stats[0].xtx.device, dtype=stats[0].xtx.dtype)
+    p = None
     for s in stats:
-        p.n += s.n
-        p.xtx += s.xtx
-        p.abs_sum += s.abs_sum
-        p.abs_max = torch.maximum(p.abs_max, s.abs_max)
+        p = add_to_pool(p, s)
     return p
 
 

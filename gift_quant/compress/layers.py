@@ -161,6 +161,21 @@ def collect_stats(layer, lins, batches, device, stop_early: bool = False) -> dic
     return stats
 
 
+def stat_passes(lins: dict, memory_gb: float) -> list[list[str]]:
+    """The Linears of a layer split into calibration passes whose Hessians (in^2 fp32 each, counted as if
+    no two shared an input) fit ``memory_gb``; one pass when they all fit. A Linear that alone exceeds
+    the budget gets a pass of its own."""
+    budget, passes, cur, used = memory_gb * 2**30, [], [], 0
+    for n, m in lins.items():
+        need = m.in_features ** 2 * 4 + m.in_features * 8
+        if cur and used + need > budget:
+            passes.append(cur)
+            cur, used = [], 0
+        cur.append(n)
+        used += need
+    return passes + [cur] if cur else passes
+
+
 def check_fits(model, config, train_seq_len: int | None = None) -> None:
     """Refuse before any long work: k larger than a layer, or windows longer than the model's context."""
     layers, prefix = decoder_layers(model)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from gift_quant.compress import experts as moe
 from gift_quant.compress.layers import (activation_device, capture_inputs, collect_stats, decoder_layers, linears,
-                                        run_layer, stages, to_device)
+                                        run_layer, stages, stat_passes, to_device)
 from gift_quant.compress.report import CompressReport, ModuleReport, account
 from gift_quant.compress.selection import salient_columns
 from gift_quant.compress.state import LayerState
@@ -29,9 +29,9 @@ LAYER_DONE_HOOKS: list[Callable[[int], None]] = []
 
 
 @torch.no_grad()
-def _quantize_one(lin, st, full: str, config: GiftConfig, metric, fixed, device, storage_dtype):
-    """Select the FP16 columns of one Linear, quantize the rest, and put the quantized weight in place
-    (so later stages and the next layer see the quantized output). Returns (packed module, report row)."""
+def _quantize_one(lin, st, full: str, config: GiftConfig, metric, fixed, device, storage_dtype, write: bool = True):
+    """Select the FP16 columns of one Linear, quantize the rest, and (``write``) put the quantized weight in
+    place (so later stages and the next layer see the quantized output). Returns (packed module, report row)."""
     if not torch.isfinite(st.xtx).all():
         raise GiftError(f"{full}: calibration activations contain NaN or Inf")
     W = lin.weight.data.float()
@@ -48,8 +48,50 @@ def _quantize_one(lin, st, full: str, config: GiftConfig, metric, fixed, device,
     Hd = H.to(torch.float64)
     rel = layer_error(W.to(torch.float64), W_eff.to(torch.float64), Hd) / max(
         float(torch.sum((W.to(torch.float64) @ Hd) * W.to(torch.float64))), 1e-30)
-    lin.weight.data.copy_(W_eff.to(lin.weight.dtype))  # the next layer sees the quantized output
+    if write:
+        lin.weight.data.copy_(W_eff.to(lin.weight.dtype))  # the next layer sees the quantized output
     return mpl, ModuleReport(full, tuple(W.shape), k, idx.cpu(), scores.cpu(), rel)
+
+
+@torch.no_grad()
+def _quantize_in_passes(layer, lins, passes, batches, device, config, metric, salient, storage_dtype, where,
+                        packed, counts, report):
+    """One layer whose Hessians do not fit ``config.stats_memory_gb`` at once: one calibration pass per
+    group of Linears, each on the layer's original weights (quantized weights go in place only at the
+    end), so every statistic equals the single-pass one. Under-sampled experts wait for their layer's
+    pool, kept as a running sum (two Hessians per layer, not one per expert)."""
+    pools, pooled, low = {}, set(), {}
+
+    def quantize(n, st):
+        packed[n], row = _quantize_one(lins[n], st, f"{where}.{n}", config, metric, (salient or {}).get(f"{where}.{n}"),
+                                       device, storage_dtype, write=False)
+        counts[row.name] = row.k
+        report.modules.append(row)
+        account(report, packed[n])
+
+    for group in passes:
+        stats = collect_stats(layer, {n: lins[n] for n in group}, batches, device, stop_early=True)
+        for n in group:
+            key, st = moe.expert_key(n), stats.get(n)
+            if key is None:
+                quantize(n, st)
+                continue
+            if st is not None and st.n > 0 and id(st) not in pooled:
+                pooled.add(id(st))
+                pools[key] = moe.add_to_pool(pools.get(key), st)
+            if st is None or st.n < config.expert_min_tokens:
+                low[n] = st.n if st is not None else 0
+            else:
+                quantize(n, st)
+        del stats
+    for n, tokens in low.items():
+        pool = pools.get(moe.expert_key(n))
+        if pool is None:
+            raise GiftError(f"{where}.{n.rsplit('.', 1)[0]}: no calibration token reached any expert of this layer")
+        report.expert_fallbacks[f"{where}.{n}"] = tokens
+        quantize(n, pool)
+    for n, lin in lins.items():  # exactly what _quantize_one writes in a single pass
+        lin.weight.data.copy_(packed[n].dequantize(torch.float32).to(device).to(lin.weight.dtype))
 
 
 @torch.no_grad()
@@ -95,7 +137,11 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
         elif config.true_sequential:
             groups = stages(layer, lins, batches[0])
         else:
-            groups = [list(lins)]
+            groups = stat_passes(lins, config.stats_memory_gb)
+        if len(groups) > 1 and not config.true_sequential:
+            _quantize_in_passes(layer, lins, groups, batches, device, config, metric, salient, storage_dtype,
+                                f"{prefix}.{li}", packed, counts, report)
+            groups = []
         layer_stats = {}
         for group in groups:
             stats = collect_stats(layer, {n: lins[n] for n in group}, batches, device,

@@ -82,3 +82,27 @@ def test_compression_runs_without_autograd(calib):
         quantize_(m, GiftConfig(bits=3, group_size=32, n_salient=4, true_sequential=True), dataset=calib[:4],
                   progress=False)
     assert seen and not any(g or r for g, r in seen)
+
+
+def test_stat_passes_split_by_memory_budget():
+    from gift_quant.compress.layers import stat_passes
+    layer, _ = _layer0_and_batches()
+    lins = linears(layer, GiftConfig())
+    assert stat_passes(lins, 8.0) == [list(lins)]                       # everything fits: one pass
+    one = max(m.in_features for m in lins.values()) ** 2 * 4 / 2**30
+    assert stat_passes(lins, one * 0.5) == [[n] for n in lins]          # each alone over budget: one each
+    passes = stat_passes(lins, one * 2.5)
+    assert [n for p in passes for n in p] == list(lins) and 1 < len(passes) < len(lins)
+
+
+def test_layer_in_several_passes_is_bit_identical_to_one_pass(calib):
+    """A memory budget that forces one Linear per calibration pass changes nothing in the result."""
+    states = []
+    for gb in (8.0, 1e-9):
+        m = tiny_llama()
+        quantize_(m, GiftConfig(bits=2, group_size=32, n_salient=4, stats_memory_gb=gb), dataset=calib,
+                  progress=False)
+        states.append({k: v for k, v in m.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
