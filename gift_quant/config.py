@@ -98,7 +98,7 @@ class GiftConfig(QuantizationConfigMixin):
     # a Hessian from fewer tokens than this is mostly damping (MoE fallback: gift_quant/compress/experts.py)
     expert_min_tokens: int = setting(128, "MoE: an expert routed fewer calibration tokens uses its layer's "
                                           "pooled statistics", lo=0, flag="--expert-min-tokens")
-    # the whole layer's Hessians at once is ~6.6 GB on a Mixtral layer and ~50 GB on a DeepSeek-V3 one
+    # the whole layer's Hessians at once: ~7 GB for a Mixtral layer, >50 GB for a DeepSeek-V3 one (fp32 in^2 per expert)
     stats_memory_gb: float = setting(8.0, "most memory for one calibration pass's Hessians; a layer that "
                                           "needs more is calibrated in several passes (same result)", lo=0,
                                      lo_open=True, flag="--stats-memory-gb", runtime=True)
