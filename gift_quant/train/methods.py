@@ -6,6 +6,7 @@ Adding a method is one class with ``@register_method("name")``; the runner never
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -107,6 +108,10 @@ class Pre(Method):
         self.salient = select_fp(run.model, run.samples.to(run.device), run.config)
         layers, prefix = decoder_layers(run.model)
         s, bits = run.recipe.train, run.config.bits
+        if s.noise != "none" and (s.noise_bits or bits) <= 3:
+            warnings.warn(f"gift-quant: pre with {s.noise} noise at {s.noise_bits or bits} bits measured worse than "
+                          "without noise (2 bits: 721 vs 109 idle ppl; 3 bits: 49 vs 40; BENCHMARKS.md); "
+                          "--noise none or --recipe post do better", stacklevel=2)
         cfg = run.config  # the noise imitates the quantizer that will run: its bits, groups, sym and clip search
         swap_modules(layers, lambda n, m: GiftLinear.from_linear(m, self.salient[f"{prefix}.{n}"], bits, s.noise,
                                                                  s.noise_bits, cfg.group_size, cfg.sym,
@@ -140,7 +145,6 @@ class Lora(Method):
     """Baseline: peft LoRA on the compressed model at GIFT's trainable-parameter count."""
 
     def prepare(self, run):
-        import warnings
 
         from peft import get_peft_model
 

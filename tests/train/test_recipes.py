@@ -1,5 +1,6 @@
 """Recipes end to end on a tiny model: YAML, the method registry, resume, the CLI, the baselines."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -35,7 +36,11 @@ def test_recipe_end_to_end_and_reload(tmp_path, tiny_model_dir, method):
     tok = char_tokenizer()
     r = _recipe(tmp_path, method, eval_every=2, val_windows=2)
     out = tmp_path / "out"
-    res = run_recipe(r, model, tok, out_dir=out, work_dir=tmp_path / "work", progress=False, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_recipe(r, model, tok, out_dir=out, work_dir=tmp_path / "work", progress=False, device="cpu")
+    noise_warned = any("measured worse than without noise" in str(w.message) for w in caught)
+    assert noise_warned == (method == "pre")  # pre with noise at 3 bits says what the A/B measured
     s, trained = res.summary, res.model
     assert s["steps"] == 4 and s["trainable_params"] > 0
     assert json.loads((out / "recipe.json").read_text())["recipe"] == method
