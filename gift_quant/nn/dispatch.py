@@ -15,7 +15,6 @@ in_features, out_features), so other integrations (vLLM) reuse it.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 
@@ -45,32 +44,10 @@ def requested_backend() -> str:
 
 # --------------------------------------------------------------------------------------- torch path
 
-_cache_override: list[bool] = []  # innermost cached_base() wins over the environment
-
-
 def torch_cache_enabled() -> bool:
     """``GIFT_QUANT_TORCH_CACHE=1``: the PyTorch path keeps each layer's dequantized base (dense memory,
     dense speed); off by default, so a compressed model stays compressed in memory."""
-    if _cache_override:
-        return _cache_override[-1]
     return os.environ.get("GIFT_QUANT_TORCH_CACHE", "0").strip() not in ("", "0", "false", "no")
-
-
-@contextlib.contextmanager
-def cached_base(model: torch.nn.Module, enabled: bool = True):
-    """Within the block the PyTorch path keeps (``enabled``) or never keeps the dequantized bases of
-    ``model``; the bases kept in the block are dropped when it ends. Training on CPU uses it: every step
-    would otherwise dequantize every frozen base again (about a tenth of a CPU step, BENCHMARKS.md)."""
-    _cache_override.append(enabled)
-    try:
-        yield
-    finally:
-        _cache_override.pop()
-        for m in model.modules():
-            c = m.__dict__.get(_CACHE_ATTR)
-            if c:
-                for k in [k for k in c if k[0] == "torch"]:
-                    del c[k]
 
 
 def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:

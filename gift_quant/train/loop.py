@@ -96,17 +96,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
           labels: torch.Tensor | None = None, val: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
           recipe_fingerprint: str = "", device=None, log=None, seed: int = 0) -> TrainReport:
     """Train the parameters of ``model`` that require grad on ``windows`` [N, T] (token ids); ``seed`` fixes
-    the data order and the noise. The frozen bases stay dequantized meanwhile where ``cache_base`` says."""
-    from gift_quant.nn import dispatch
-    dev = torch.device(device or next(model.parameters()).device)
-    cache = settings.cache_base if settings.cache_base is not None else dev.type == "cpu"
-    with dispatch.cached_base(model, cache):
-        return _train(model, windows, settings, work_dir, resume, labels, val, val_labels, recipe_fingerprint, device,
-                      log, seed)
-
-
-def _train(model, windows, settings, work_dir, resume, labels, val, val_labels, recipe_fingerprint, device, log,
-           seed) -> TrainReport:
+    the data order and the noise."""
     s = settings
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise GiftError("no training windows: the training text is empty or shorter than one sequence")

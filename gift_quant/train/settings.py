@@ -40,8 +40,6 @@ class TrainSettings:
     patience: int = setting(0, "evaluations without improvement before stopping (0: never)", lo=0)
     save_every: int = setting(10, "training checkpoint interval in steps (0: only at the end)", lo=0,
                               flag="--save-every")
-    cache_base: bool = setting(None, "keep each frozen base dequantized while training: faster steps, dense "
-                                     "memory (null: on CPU only)", types=(bool,), nullable=True)
     progress: bool = setting(True, "show a progress bar", runtime=True, recipe=False)
 
     def __post_init__(self):

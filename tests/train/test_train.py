@@ -241,35 +241,3 @@ def test_idle_text_without_idlelib_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "idlelib", None)   # makes `import idlelib` raise ImportError
     with pytest.raises(GiftError, match="idlelib.*--eval-dataset"):
         load_texts("idle")
-
-
-def test_cpu_training_with_the_cached_base_is_identical_and_drops_the_cache(calib):
-    """`cache_base` (default on CPU) only saves the per-step dequantization: the same losses and trained
-    columns as without it, and no dense copy left behind after training."""
-    from gift_quant import GiftConfig
-    from gift_quant.compress.api import quantize_
-    from gift_quant.nn import MixedPrecisionLinear
-    from gift_quant.nn import dispatch
-    runs = []
-    for cache in (False, None):
-        m = tiny_llama()
-        quantize_(m, GiftConfig(bits=2, group_size=32, n_salient=4), dataset=calib, progress=False)
-        m.float()  # as the recipes train: fp32 parameters (AdamW's eps underflows in fp16)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        mpls = [x for x in m.modules() if isinstance(x, MixedPrecisionLinear)]
-        for x in mpls:
-            x.salient_weight.requires_grad_(True)
-        seen = []
-        orig = dispatch._build
-        dispatch._build = lambda layer, backend, dtype: seen.append(backend) or orig(layer, backend, dtype)
-        try:
-            rep = train(m, torch.randint(0, 128, (16, 32)), TrainSettings(steps=3, batch_size=2, lr=1e-3,
-                        noise="none", cache_base=cache, progress=False), device="cpu")
-        finally:
-            dispatch._build = orig
-        runs.append((rep.losses, [x.salient_weight.detach().clone() for x in mpls], seen))
-        assert not any(k[0] == "torch" for x in mpls for k in x.__dict__.get(dispatch._CACHE_ATTR, {}))
-    (l0, w0, seen0), (l1, w1, seen1) = runs
-    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(w0, w1))
-    assert not seen0 and seen1.count("torch") == len(w1)   # built once per layer, not once per step
