@@ -78,8 +78,8 @@ def fill_expert_stats(stats: dict, names, min_tokens: int, layer_stats: dict | N
         low = [n for n in members if n not in stats or stats[n].n < min_tokens]
         if not low:
             continue
-        got = [s for n, s in layer_stats.items() if s.n > 0 and (m := _EXPERT.match(n))
-               and (m.group(1), m.group(2)) == (parent, proj)]
+        # summed in expert order (not firing order), so a layer calibrated in several passes pools alike
+        got = [layer_stats[n] for n in members if n in layer_stats and layer_stats[n].n > 0]
         if not got:
             raise GiftError(f"{parent}.{proj}: no calibration token reached any expert of this layer")
         pool = _pooled(got)

@@ -60,7 +60,7 @@ def _quantize_in_passes(layer, lins, passes, batches, device, config, metric, sa
     group of Linears, each on the layer's original weights (quantized weights go in place only at the
     end), so every statistic equals the single-pass one. Under-sampled experts wait for their layer's
     pool, kept as a running sum (two Hessians per layer, not one per expert)."""
-    pools, pooled, low = {}, set(), {}
+    pools, low = {}, {}
 
     def quantize(n, st):
         packed[n], row = _quantize_one(lins[n], st, f"{where}.{n}", config, metric, (salient or {}).get(f"{where}.{n}"),
@@ -71,6 +71,7 @@ def _quantize_in_passes(layer, lins, passes, batches, device, config, metric, sa
 
     for group in passes:
         stats = collect_stats(layer, {n: lins[n] for n in group}, batches, device, stop_early=True)
+        pooled = set()  # aliases (one object under two names) within this pass; ids are reused after it
         for n in group:
             key, st = moe.expert_key(n), stats.get(n)
             if key is None:

@@ -367,19 +367,19 @@ def test_quantize_on_load_moe_round_trip(moe_dir, tmp_path):
 
 
 def test_moe_layer_in_several_passes_matches_one_pass():
-    """Experts calibrated one projection per pass (a tiny memory budget) give the same fallbacks and,
-    for experts with their own statistics, the same codes; pooled ones agree up to summation order."""
+    """Experts calibrated one projection per pass (a tiny memory budget) give the same fallbacks and the
+    same codes. (A first version lost experts from the pool when a freed statistic's id was reused: it
+    failed about one run in three, so this runs the comparison several times.)"""
     res = []
-    for gb in (8.0, 1e-9):
+    for gb in (8.0, 1e-9, 1e-9, 1e-9):
         m = tiny_moe("mixtral", experts=8, topk=1)
         rep = quantize_(m, _cfg(expert_min_tokens=40, stats_memory_gb=gb), dataset=_calib(n=4), progress=False)
         res.append((m, rep))
-    (m1, r1), (m2, r2) = res
-    assert r1.expert_fallbacks == r2.expert_fallbacks and r1.expert_fallbacks
-    assert {r.name for r in r1.modules} == {r.name for r in r2.modules}
-    s1, s2 = m1.state_dict(), m2.state_dict()
-    own = [n for n in s1 if not any(n.startswith(f) for f in r1.expert_fallbacks)]
-    assert all(torch.equal(s1[n], s2[n]) for n in own)
-    x = _calib(seed=5, n=2)
-    with torch.no_grad():
-        assert _rel(m2(x).logits, m1(x).logits) < 1e-3
+    (m1, r1) = res[0]
+    s1 = m1.state_dict()
+    assert r1.expert_fallbacks
+    for m2, r2 in res[1:]:
+        assert r1.expert_fallbacks == r2.expert_fallbacks
+        assert {r.name for r in r1.modules} == {r.name for r in r2.modules}
+        s2 = m2.state_dict()
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[n], s2[n]) for n in s1)

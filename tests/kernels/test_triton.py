@@ -80,10 +80,10 @@ def test_triton_decode_and_prefill_paths_agree_for_every_token_count(bits, poiso
     from gift_quant.kernels import triton_ops
     layer = _layer(200, 40, bits, 64, 7, True, 11 + bits)
     tokens = _TOKENS if bits == 4 else _TOKENS[:2]
-    for t, gmt, pre in [(t, g, p) for t in tokens for g in ((0, 64) if t <= 17 else (0,)) for p in
-                        triton_ops.PREFILL_PATHS]:
+    runs = [(t, 0, p) for t in tokens for p in triton_ops.PREFILL_PATHS] + [(t, 64, "-") for t in tokens if t <= 17]
+    for t, gmt, pre in runs:
         monkeypatch.setattr(dispatch, "GEMV_MAX_TOKENS", gmt)  # 0: always the prefill path, 64: always the GEMV
-        monkeypatch.setattr(triton_ops, "PREFILL_PATH", pre)
+        monkeypatch.setattr(triton_ops, "PREFILL_PATH", pre if gmt == 0 else "dequant")
         x = torch.randn(t, 200, device=DEV).to(torch.float16)
         _check(layer, x, torch.float16, f"bits={bits} tokens={t} gemv_max_tokens={gmt} prefill={pre}")
 
