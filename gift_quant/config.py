@@ -44,11 +44,11 @@ def _format(v):
     return None if v == FORMAT else f"unsupported checkpoint format {v!r} (this version reads {FORMAT!r})"
 
 
-
 def is_excluded(name: str, modules_not_converted) -> bool:
     """The one exclusion rule: a module stays float when ``modules_not_converted`` names it, one of its
     parents (a prefix), or its last components (a suffix after a dot)."""
     return any(name == m or name.endswith("." + m) or name.startswith(m + ".") for m in modules_not_converted)
+
 
 @dataclasses.dataclass(repr=False)
 class GiftConfig(QuantizationConfigMixin):

@@ -53,6 +53,10 @@ def add_to_pool(pool: ActivationStats | None, st: ActivationStats) -> Activation
     return pool
 
 
+def no_tokens_error(parent: str, proj: str) -> GiftError:
+    return GiftError(f"{parent}.{proj}: no calibration token reached any expert of this layer")
+
+
 def _pooled(stats: list[ActivationStats]) -> ActivationStats:
     p = None
     for s in stats:
@@ -81,7 +85,7 @@ def fill_expert_stats(stats: dict, names, min_tokens: int, layer_stats: dict | N
         # summed in expert order (not firing order), so a layer calibrated in several passes pools alike
         got = [layer_stats[n] for n in members if n in layer_stats and layer_stats[n].n > 0]
         if not got:
-            raise GiftError(f"{parent}.{proj}: no calibration token reached any expert of this layer")
+            raise no_tokens_error(parent, proj)
         pool = _pooled(got)
         for n in low:
             fallbacks[n] = stats[n].n if n in stats else 0

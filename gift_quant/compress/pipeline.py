@@ -54,45 +54,35 @@ def _quantize_one(lin, st, full: str, config: GiftConfig, metric, fixed, device,
 
 
 @torch.no_grad()
-def _quantize_in_passes(layer, lins, passes, batches, device, config, metric, salient, storage_dtype, where,
-                        packed, counts, report):
+def _quantize_in_passes(layer, lins, passes, batches, device, min_tokens: int, quantize, where: str, report):
     """One layer whose Hessians do not fit ``config.stats_memory_gb`` at once: one calibration pass per
-    group of Linears, each on the layer's original weights (quantized weights go in place only at the
-    end), so every statistic equals the single-pass one. Under-sampled experts wait for their layer's
-    pool, kept as a running sum (two Hessians per layer, not one per expert)."""
+    group of Linears, each on the layer's original weights (the caller puts the quantized weights in
+    place after the last pass), so every statistic equals the single-pass one. Under-sampled experts wait for their layer's
+    pool, kept as a running sum (two Hessians per layer, not one per expert). ``quantize(name, stats,
+    write)`` is the layer's quantize-and-record step."""
     pools, low = {}, {}
-
-    def quantize(n, st):
-        packed[n], row = _quantize_one(lins[n], st, f"{where}.{n}", config, metric, (salient or {}).get(f"{where}.{n}"),
-                                       device, storage_dtype, write=False)
-        counts[row.name] = row.k
-        report.modules.append(row)
-        account(report, packed[n])
-
     for group in passes:
         stats = collect_stats(layer, {n: lins[n] for n in group}, batches, device, stop_early=True)
         pooled = set()  # aliases (one object under two names) within this pass; ids are reused after it
         for n in group:
             key, st = moe.expert_key(n), stats.get(n)
             if key is None:
-                quantize(n, st)
+                quantize(n, st, write=False)
                 continue
             if st is not None and st.n > 0 and id(st) not in pooled:
                 pooled.add(id(st))
                 pools[key] = moe.add_to_pool(pools.get(key), st)
-            if st is None or st.n < config.expert_min_tokens:
+            if st is None or st.n < min_tokens:
                 low[n] = st.n if st is not None else 0
             else:
-                quantize(n, st)
+                quantize(n, st, write=False)
         del stats
     for n, tokens in low.items():
-        pool = pools.get(moe.expert_key(n))
-        if pool is None:
-            raise GiftError(f"{where}.{n.rsplit('.', 1)[0]}: no calibration token reached any expert of this layer")
+        key = moe.expert_key(n)
+        if key not in pools:
+            raise moe.no_tokens_error(f"{where}.{key[0]}", key[1])
         report.expert_fallbacks[f"{where}.{n}"] = tokens
-        quantize(n, pool)
-    for n, lin in lins.items():  # exactly what _quantize_one writes in a single pass
-        lin.weight.data.copy_(packed[n].dequantize(torch.float32).to(device).to(lin.weight.dtype))
+        quantize(n, pools[key], write=False)
 
 
 @torch.no_grad()
@@ -139,9 +129,22 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             groups = stages(layer, lins, batches[0])
         else:
             groups = stat_passes(lins, config.stats_memory_gb)
+
+        def quantize(n, st, write=True, where=f"{prefix}.{li}", lins=lins, packed=packed):
+            full = f"{where}.{n}"
+            packed[n], row = _quantize_one(lins[n], st, full, config, metric, (salient or {}).get(full), device,
+                                           storage_dtype, write)
+            counts[full] = row.k
+            report.modules.append(row)
+            account(report, packed[n])
+
         if len(groups) > 1 and not config.true_sequential:
-            _quantize_in_passes(layer, lins, groups, batches, device, config, metric, salient, storage_dtype,
-                                f"{prefix}.{li}", packed, counts, report)
+            _quantize_in_passes(layer, lins, groups, batches, device, config.expert_min_tokens, quantize,
+                                f"{prefix}.{li}", report)
+            # only now the quantized weights go in place (exactly what _quantize_one writes in one pass;
+            # recomputed from the packed codes rather than holding every layer weight twice meanwhile)
+            for n, lin in lins.items():
+                lin.weight.data.copy_(packed[n].dequantize(torch.float32).to(device).to(lin.weight.dtype))
             groups = []
         layer_stats = {}
         for group in groups:
@@ -151,12 +154,7 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             for n, tokens in moe.fill_expert_stats(stats, group, config.expert_min_tokens, layer_stats).items():
                 report.expert_fallbacks[f"{prefix}.{li}.{n}"] = tokens  # MoE hook: pooled-statistics fallback
             for n in group:
-                full = f"{prefix}.{li}.{n}"
-                packed[n], row = _quantize_one(lins[n], stats[n], full, config, metric, (salient or {}).get(full),
-                                               device, storage_dtype)
-                counts[full] = row.k
-                report.modules.append(row)
-                account(report, packed[n])
+                quantize(n, stats[n])
         if state is not None and lins:
             state.save(li, packed, report.modules[-len(lins):])
         outs = run_layer(layer, batches)

@@ -5,7 +5,7 @@ step of group g (its scale: one code apart), column j of group g(j) of row i get
 sigma = Delta_{i,g(j)} / 2.
 
 - ``pre`` (FP base, GPTQ later): Delta comes from the project's own quantizer
-  (:func:`gift_quant.quant.fit_params`) at the run's bits, group size, sym/asym and MSE clip search,
+  (:func:`gift_quant.core.quantizer.fit_params`) at the run's bits, group size, sym/asym and MSE clip search,
   fitted on the non-salient columns of each static group (j // group_size) of the weight being trained.
 - ``post`` (frozen GPTQ codes): Delta is the stored fp16 scale of each group, as packed.
 
@@ -40,7 +40,7 @@ def group_step(W: torch.Tensor, bits: int, group_size: int, sym: bool, salient_i
                mse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(Delta [out, G], g_idx [in]): the quantizer's step per static group of ``W`` [out, in].
 
-    Each group's scale is fitted by :func:`gift_quant.quant.fit_params` on its non-salient columns
+    Each group's scale is fitted by :func:`gift_quant.core.quantizer.fit_params` on its non-salient columns
     (the same fit GPTQ and RTN use); a group made only of salient columns keeps step 0 (no noise).
     """
     from gift_quant.core.quantizer import SUPPORTED_BITS, fit_params, group_ids, n_groups

@@ -14,7 +14,6 @@ from . import build
 from .prepare import PreparedLinear, prepared_forward
 
 
-
 def _forward(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,
              salient_weight: Tensor, salient_idx: Tensor, bias: Optional[Tensor], bits: int,
              in_features: int, out_features: int, gemv_max_tokens: int, chunk_uniform: bool) -> Tensor:

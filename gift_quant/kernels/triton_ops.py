@@ -27,17 +27,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _forward(x: Tensor, L: TritonLayout, gemv_max_tokens: int, prefill: str) -> Tensor:
+    """The op's body: the GEMV for up to ``gemv_max_tokens`` tokens, else the ``prefill`` path."""
+    from . import triton_mixed
+    x2d = x.reshape(-1, L.in_features)
+    path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
+    return triton_mixed.mixed_linear(x2d, L, path).reshape(*x.shape[:-1], L.out_features)
+
+
 @torch.library.custom_op("gift_quant::mixed_linear_triton", mutates_args=())
 def mixed_linear_triton(x: Tensor, qweight: Tensor, perm: Tensor, gchunk: Tensor, scales: Tensor, zeros: Tensor,
                         sal_w: Tensor, sal_idx: Tensor, bias: Optional[Tensor], bits: int, in_features: int,
                         out_features: int, identity_rows: bool, gemv_max_tokens: int, prefill: str) -> Tensor:
-    from . import triton_mixed
     L = TritonLayout(qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_features, out_features,
                      identity_rows)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features)
-    path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
-    return triton_mixed.mixed_linear(x2d, L, path).reshape(*lead, out_features)
+    return _forward(x, L, gemv_max_tokens, prefill)
 
 
 @mixed_linear_triton.register_fake
@@ -55,10 +59,7 @@ def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = GEMV_MAX_TOKENS, pref
     if not torch.compiler.is_compiling():
         # eager: the op's body directly. The custom-op dispatch is what tracing needs, and in eager it
         # costs more than the decode kernel itself (tools/bench_dispatch_overhead.py)
-        from . import triton_mixed
-        x2d = x.reshape(-1, L.in_features)
-        path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
-        return triton_mixed.mixed_linear(x2d, L, path).reshape(*x.shape[:-1], L.out_features)
+        return _forward(x, L, gemv_max_tokens, prefill)
     return torch.ops.gift_quant.mixed_linear_triton(x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w,
                                                     L.sal_idx, L.bias, L.bits, L.in_features, L.out_features,
                                                     L.identity_rows, gemv_max_tokens, prefill)
