@@ -92,7 +92,7 @@ def test_triton_decode_and_prefill_paths_agree_for_every_token_count(bits, poiso
 def test_triton_dequantize_t_writes_every_weight_exactly(bits, poisoned):
     """The prefill path's W^T (act-order, ragged groups, FP16 columns, column padding) equals the layer's
     own dequantization in float32: each element is one code, one zero, one scale."""
-    from gift_quant.kernels import triton_mixed
+    from gift_quant.kernels import triton_mixed, triton_ops
     layer = _layer(300, 45, bits, 64, 9, bits % 2 == 1, 40 + bits)
     L = dispatch.prepared(layer, "triton", torch.float32)
     wt = triton_mixed.dequantize_t(L, torch.float32)
@@ -100,7 +100,6 @@ def test_triton_dequantize_t_writes_every_weight_exactly(bits, poisoned):
     torch.testing.assert_close(wt[:, :45].cpu(), layer.dequantize(torch.float32).t().cpu(), rtol=1e-6, atol=1e-6)
     assert wt[:, 45:].abs().sum() == 0                                   # padding columns hold zeros
     with pytest.raises(ValueError, match="GIFT_QUANT_TRITON_PREFILL"):
-        from gift_quant.kernels import triton_ops
         triton_ops.run(torch.randn(20, 300, device=DEV), L, 0, "fast")
 
 
