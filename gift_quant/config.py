@@ -90,8 +90,9 @@ class GiftConfig(QuantizationConfigMixin):
     recipe: str = setting("none", "the recipe that produced the checkpoint (recorded, not read)", recipe=False)
     modules_not_converted: list = setting(list(DEFAULT_NOT_CONVERTED), "module names (or prefixes, or suffixes "
                                                                        "after a dot) kept in float")
-    dataset: Any = setting(None, "calibration text: bundled (default), a .txt/.jsonl/.json/.parquet file, a "
-                                 "folder or a hub name", types=(object,), flag="--dataset")
+    dataset: Any = setting(None, "calibration text: bundled (default), generated (written by the model), "
+                                 "a .txt/.jsonl/.json/.parquet file, a folder or a hub name; a+b takes an equal "
+                                 "share of the windows from each", types=(object,), flag="--dataset")
     calib_samples: int = setting(64, "calibration windows", lo=1, flag="--calib-samples")
     seq_len: int = setting(512, "tokens per calibration window", lo=1, flag="--seq-len")
     seed: int = setting(0, "seed of the calibration sample and of training", flag="--seed")

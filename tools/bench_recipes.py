@@ -60,7 +60,7 @@ def budget_overrides(a) -> dict:
     """The one training budget every method gets (explicit, so no cpu/gpu recipe section differs)."""
     return {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": 1, "train_seq_len": a.train_seq_len,
             "lr": a.lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
-            "seq_len": 512, "dataset": "bundled", "max_train_tokens": a.max_train_tokens, "eval_every": 0,
+            "seq_len": 512, "dataset": a.calib_dataset, "max_train_tokens": a.max_train_tokens, "eval_every": 0,
             "patience": 0,
             "save_every": 0, "train_dataset": "train", "weight_decay": 0.0, "method": a.quant_method}
 
@@ -84,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-train-tokens", type=int, default=400_000, help="tokens of training text tokenized")
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-dataset", default="bundled", help="calibration text, e.g. bundled, generated, "
+                    "bundled+generated (every method gets the same)")
     ap.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"],
                     help="final quantizer (rtn: a cheap A/B on a slow machine; the table uses gptq)")
     ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of each held-out domain")
@@ -204,7 +206,8 @@ def budget_line(a, seeds, evs=None) -> str:
     return (f"every trained method {a.steps} steps x {a.batch_size} x {a.train_seq_len} tokens = "
             f"{a.steps * a.batch_size * a.train_seq_len:,} training tokens (lr {a.lr:g}, 3% warm-up then linear "
             f"decay, AdamW, no held-out selection; train text `train` = pydoc topics split + stdlib docstrings, "
-            f"{a.max_train_tokens:,} tokens tokenized), calibration {a.calib_samples} x 512 tokens, "
+            f"{a.max_train_tokens:,} tokens tokenized), calibration {a.calib_samples} x 512 tokens of "
+            f"`{getattr(a, 'calib_dataset', 'bundled')}`, "
             f"eval {n} x 512 tokens of each of {', '.join(EVAL_DOMAINS)}, seeds {seeds}")
 
 

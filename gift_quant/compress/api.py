@@ -12,5 +12,6 @@ def quantize_(model, config: GiftConfig, tokenizer=None, dataset=None, device=No
     """Compress ``model`` in place; returns the :class:`~gift_quant.compress.report.CompressReport`.
     ``dataset``: see :mod:`gift_quant.compress.calibration` (default: the config's, else bundled)."""
     torch.manual_seed(config.seed)
-    samples = calibration_tensor(dataset if dataset is not None else config.dataset, tokenizer, config)
+    samples = calibration_tensor(dataset if dataset is not None else config.dataset, tokenizer, config, model=model,
+                                 progress=progress)
     return compress_model(model, samples, config, device=device, progress=progress)

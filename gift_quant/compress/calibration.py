@@ -70,8 +70,8 @@ def _text_samples(texts: list[str], tokenizer, config: GiftConfig, lenient: bool
     return w
 
 
-def calibration_tensor(dataset, tokenizer, config: GiftConfig) -> torch.Tensor:
-    """Any accepted ``dataset`` form -> token windows [n, L]."""
+def calibration_tensor(dataset, tokenizer, config: GiftConfig, model=None, progress: bool = True) -> torch.Tensor:
+    """Any accepted ``dataset`` form -> token windows [n, L]; ``model`` writes the ``generated`` text."""
     toks = _token_samples(dataset, config)
     if toks is not None:
         return toks
@@ -83,8 +83,9 @@ def calibration_tensor(dataset, tokenizer, config: GiftConfig) -> torch.Tensor:
             raise GiftError("dataset: a list must hold strings, token-id tensors or dicts with input_ids")
         return _text_samples(list(dataset), tokenizer, config, lenient=True)
     if dataset is None or isinstance(dataset, str):
-        from gift_quant.io.data import load_texts
-        return _text_samples(load_texts(dataset), tokenizer, config, lenient=False)
+        from gift_quant.io.data import calibration_windows
+        return calibration_windows(dataset, tokenizer, config.calib_samples, config.seq_len, config.seed, model=model,
+                                   progress=progress)
     if hasattr(dataset, "column_names"):  # a datasets.Dataset
         from gift_quant.io.data import _texts_from_records
         if "input_ids" in dataset.column_names and "text" not in dataset.column_names:

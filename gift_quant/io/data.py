@@ -9,6 +9,9 @@ Built-in text ships with CPython, so everything works offline:
   LICENSE.txt, then the top-level license files of the installed distributions gift-quant requires
   (sorted, duplicates dropped). Never used for calibration or training; it follows the installed
   versions, so compare its perplexities only within one environment.
+- ``generated`` (calibration only): text the model being compressed writes itself, on general topics
+  (:mod:`gift_quant.io.generated`); it needs the model, so :func:`calibration_windows` reads it.
+``a+b`` (calibration) draws the windows evenly from each named source, e.g. ``bundled+generated``.
 Anything else is a local .txt / .jsonl / .json / .parquet file or folder read through ``datasets``, or a
 hub dataset name where a hub is reachable.
 """
@@ -24,7 +27,7 @@ import torch
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
 
-BUILTIN = ("bundled", "topics-heldout", "idle", "licenses")
+BUILTIN = ("bundled", "topics-heldout", "idle", "licenses", "generated")
 EVAL_DOMAINS = ("idle", "licenses")   # held-out evaluation domains the defaults never train or calibrate on
 _LICENSED_DISTS = ("accelerate", "datasets", "gguf", "numpy", "pyyaml", "safetensors", "tokenizers", "torch",
                    "tqdm", "transformers")
@@ -129,6 +132,9 @@ def load_texts(source: str | None = None, split: str = "train", text_field: str 
         return _idle_docs()
     if source == "licenses":
         return _license_texts()
+    if source == "generated":
+        raise GiftError("'generated' is text the model being compressed writes itself: it serves calibration "
+                        "(--dataset generated), not evaluation or training")
     path = Path(os.path.expanduser(source))
     if path.suffix in _FILE_KINDS and not path.exists():
         raise GiftError(f"dataset file not found: {source}")
@@ -183,6 +189,40 @@ def calibration_samples(texts: list[str], tokenizer, n_samples: int, seq_len: in
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(w.shape[0], generator=g)[:n_samples].sort().values
     return w[idx]
+
+
+def _parts(source) -> list:
+    """``a+b`` -> [a, b] unless a file of that name exists; None -> ['bundled']."""
+    if source in (None, "", "default"):
+        return ["bundled"]
+    if isinstance(source, str) and "+" in source and not Path(os.path.expanduser(source)).exists():
+        parts = [p.strip() for p in source.split("+")]
+        if not all(parts):
+            raise GiftError(f"calibration text {source!r}: an empty name around '+'")
+        return parts
+    return [source]
+
+
+def calibration_windows(source, tokenizer, n_samples: int, seq_len: int, seed: int = 0, model=None,
+                        progress: bool = True) -> torch.Tensor:
+    """``n_samples`` calibration windows [n, seq_len] from ``source``; ``a+b`` takes them evenly from each
+    part (the first parts get the remainder); ``generated`` has ``model`` write the text."""
+    parts = _parts(source)
+    out = []
+    for i, part in enumerate(parts):
+        n = n_samples // len(parts) + (i < n_samples % len(parts))
+        if n == 0:
+            continue
+        if part == "generated":
+            if model is None:
+                raise GiftError("calibration text 'generated' needs the model that writes it")
+            from gift_quant.io.generated import generated_texts
+            # ~15% margin: the text is re-tokenized after decoding, and every document adds an EOS
+            texts = generated_texts(model, tokenizer, int(n * seq_len * 1.15) + seq_len, seed=seed, progress=progress)
+        else:
+            texts = load_texts(part)
+        out.append(calibration_samples(texts, tokenizer, n, seq_len, seed, what=f"'{part}' calibration"))
+    return torch.cat(out)
 
 
 def eval_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | None) -> torch.Tensor:

@@ -86,7 +86,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     ``work_dir`` holds resumable state (the compressed stage and training checkpoints); the caller
     removes it after a successful run.
     """
-    from gift_quant.io.data import calibration_samples, load_texts
+    from gift_quant.io.data import calibration_windows
     from gift_quant.train.data import training_data
     method = METHODS[r.method]
     r = dataclasses.replace(r, config=copy.deepcopy(r.config), train=dataclasses.replace(r.train, progress=progress))
@@ -101,7 +101,8 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
         ids, _, val, _ = run.train_data
         run.log(f"gift-quant: training text {r.train.train_dataset}: {ids.shape[0]} windows of "
                 f"{r.train.train_seq_len} tokens" + (f" (+{val.shape[0]} held out)" if val is not None else ""))
-    run.samples = calibration_samples(load_texts(cfg.dataset), tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
+    run.samples = calibration_windows(cfg.dataset, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed, model=model,
+                                      progress=progress)
     freeze(model)
     method.prepare(run)
     if method.trains:

@@ -1,0 +1,66 @@
+"""Self-generated calibration text: amount, cache (reuse and extension), mixing, RNG left alone."""
+import pytest
+import torch
+
+from gift_quant.errors import GiftError
+from gift_quant.io import data, generated
+from tests.conftest import char_tokenizer, tiny_llama
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_generates_enough_tokens_caches_and_extends(cache, monkeypatch):
+    model, tok = tiny_llama(seed=3, vocab=128), char_tokenizer()
+    model.generation_config.eos_token_id = None  # a random model would stop at random: keep the count exact
+    calls = []
+    real = generated._generate_batch
+    monkeypatch.setattr(generated, "_generate_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = torch.random.get_rng_state()
+    texts = generated.generated_texts(model, tok, 100, batch_size=4, max_new_tokens=16, progress=False)
+    assert torch.equal(rng, torch.random.get_rng_state())  # the caller's RNG is untouched
+    assert len(calls) == 2 and len(texts) == 7  # 2 batches x 4 docs x 16 tokens >= 100; 7 docs reach it
+    assert sum(len(tok(t)["input_ids"]) for t in texts) >= 100
+    assert len(list(cache.glob("generated-*.json"))) == 1
+    again = generated.generated_texts(model, tok, 100, batch_size=4, max_new_tokens=16, progress=False)
+    assert again == texts and len(calls) == 2  # read from the cache
+    more = generated.generated_texts(model, tok, 200, batch_size=4, max_new_tokens=16, progress=False)
+    assert more[:7] == texts and len(calls) == 4  # extended, not regenerated
+
+
+def test_chat_template_prompts_name_the_topics():
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    prompts, chat = generated._prompts(tok, 0, 3, torch.Generator().manual_seed(0))
+    assert chat and len(prompts) == 3
+    assert generated.TOPICS[1] in "".join(tok.convert_ids_to_tokens(prompts[1]))
+
+
+def test_topics_avoid_the_evaluation_domains():
+    words = ("python", "idle", "license", "licence", "copyright", "software", "legal", "law")
+    for t in generated.TOPICS + generated.STYLES:
+        assert not any(w in t.lower().split() for w in words), t
+
+
+def test_mixed_calibration_takes_equal_shares(cache):
+    model, tok = tiny_llama(seed=3, vocab=128), char_tokenizer()
+    model.generation_config.eos_token_id = None
+    w = data.calibration_windows("bundled+generated", tok, 5, 32, seed=0, model=model, progress=False)
+    assert w.shape == (5, 32)
+    bundled = data.calibration_samples(data.load_texts("bundled"), tok, 3, 32, seed=0)
+    assert torch.equal(w[:3], bundled)  # the first part gets the remainder
+    gen = data.calibration_windows("generated", tok, 2, 32, seed=0, model=model, progress=False)
+    assert torch.equal(w[3:], gen)
+
+
+def test_generated_needs_the_model():
+    tok = char_tokenizer()
+    with pytest.raises(GiftError, match="needs the model"):
+        data.calibration_windows("generated", tok, 2, 32)
+    with pytest.raises(GiftError, match="calibration"):
+        data.load_texts("generated")
+    with pytest.raises(GiftError, match="empty name"):
+        data.calibration_windows("bundled+", tok, 2, 32)
