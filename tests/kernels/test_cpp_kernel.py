@@ -13,6 +13,7 @@ from gift_quant.kernels import build, ops
 from gift_quant.kernels.prepare import prepare, prepared_forward
 from gift_quant.nn import dispatch
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear
+from tests.kernels.cpp_emulation import emulate_gemv, emulate_prefill, rounding_bound
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -22,9 +23,44 @@ def cuda_args(layer, dtype):
     return dispatch.prepared(layer, "cuda", dtype)
 
 
+# max|y - ref| / max|ref|: 5-6 unit roundoffs; the kernel's own arithmetic (emulated) stays near 1
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
 def reference64(layer, x):
     y = x.double() @ layer.dequantize(torch.float64).t()
     return y if layer.bias is None else y + layer.bias.double()
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def within_bound(y, layer, x, gemv):
+    y_op, bound = rounding_bound(layer, x, gemv)
+    return ((y.double() - y_op).abs() / bound).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_kernel_arithmetic_is_one_rounding_from_its_operands(dtype):
+    """The .cu's fp32 arithmetic, emulated on both paths: within the rounding bound of its operands and
+    the GPU test's tolerance, also on the case that failed on an H200 (bf16, 3.05e-2 at batch 8, i.e. on
+    the prefill path, where the kernel's part emulates to ~4e-3: the rest is cuBLAS's GEMM, presumably its
+    16-bit reductions). Rounding partial sums to 16 bits, as those do, leaves the bound."""
+    gen = torch.Generator().manual_seed(0)
+    for bits, gs, k, act, K, N, seed in [(2, 32, 0, True, 771, 260, 471979),  # the GPU test's seed for it
+                                         (8, 64, 7, False, 300, 132, 5),
+                                         (3, 32, 7, True, 200, 36, 6)]:       # groups change inside chunks
+        layer = MixedPrecisionLinear.random(K, N, bits, gs, k, bias=bool(seed % 2), act_order=act, seed=seed)
+        p = prepare(layer, dtype)
+        x = torch.randn(8, K, generator=gen).to(dtype)
+        for gemv, y in ((True, emulate_gemv(x, layer, p)), (False, emulate_prefill(x, layer, p))):
+            assert within_bound(y, layer, x, gemv) <= 1, (bits, gemv)
+            assert rel_err(y, reference64(layer, x)) < TOL[dtype], (bits, gemv)
+    assert p.chunk_uniform is False
+    assert within_bound(emulate_prefill(x, layer, p, reduce_splits=8), layer, x, gemv=False) > 2
+    if dtype == torch.bfloat16:
+        assert within_bound(emulate_gemv(x, layer, p, round_partials=True), layer, x, gemv=True) > 2
 
 
 def test_prepared_layout_matches_reference_float64():
@@ -152,12 +188,24 @@ def test_cuda_kernel_builds_and_passes_self_check():
         assert dispatch.self_check("cuda", bits, dt, torch.device("cuda")) is None
 
 
+@pytest.fixture
+def exact_cublas_reductions():
+    """Prefill runs cuBLAS on the dequantized W^T. PyTorch lets cuBLAS reduce fp16/bf16 GEMMs in 16 bits by
+    default (every nn.Linear): a user's setting that the kernel's accuracy test turns off."""
+    m = torch.backends.cuda.matmul
+    old = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
+    m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = False
+    yield
+    m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = old
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cuda_kernel_matches_float64(bits, dtype, monkeypatch):
+def test_cuda_kernel_matches_float64(bits, dtype, monkeypatch, exact_cublas_reductions):
+    """Within one rounding of the kernel's operands (the bound of tests/kernels/cpp_emulation.py) and TOL
+    of float64. cuBLAS reduces in fp32 here (see exact_cublas_reductions)."""
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "cuda")
-    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     gen = torch.Generator().manual_seed(bits)
     cases = itertools.product([32, 64, 128, -1], [0, 1, 7, 128, 256], [False, True], [(256, 512), (771, 260),
                                                                                       (4096, 1028), (300, 333)])
@@ -173,8 +221,11 @@ def test_cuda_kernel_matches_float64(bits, dtype, monkeypatch):
             _poison()
             y = layer(x)
             assert y.dtype == dtype and y.shape == (batch, N)
-            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-            assert err < tol, f"bits={bits} gs={gs} k={k} act={act} K={K} N={N} batch={batch}: {err:.2e}"
+            where = f"bits={bits} gs={gs} k={k} act={act} K={K} N={N} batch={batch}"
+            over = within_bound(y, layer, x, gemv=batch <= dispatch.GEMV_MAX_TOKENS and N % 4 == 0)
+            assert over <= 1, f"{where}: {over:.2f} x the rounding bound"
+            err = rel_err(y, ref)
+            assert err < TOL[dtype], f"{where}: {err:.2e}"
 
 
 @needs_cuda

@@ -13,12 +13,13 @@
 // the prepare step, so they never count twice.
 //
 // Two paths, dispatched on the token count M:
-//   gemv_kernel    M <= 8 per launch (decode). Each thread owns 4 adjacent output columns and reads
-//                  16-byte words straight from the packed layout (coalesced across the warp). The input
-//                  rows are split across blockIdx.y (split-K) so that narrow layers still fill the GPU;
-//                  partial sums meet in an fp32 buffer through atomicAdd. Per group the scale is
-//                  factored out: sum_r s(c_r - z)x_r = s(sum_r c_r x_r - z sum_r x_r), one FMA per code.
-//   dequant_kernel M > 8 (prefill): writes the effective fp16/bf16 weight W^T [K, N] (base and salient
+//   gemv_kernel    M <= GIFT_QUANT_GEMV_MAX_TOKENS (default 4; decode), at most 8 per launch. Each thread
+//                  owns 4 adjacent output columns and reads 16-byte words straight from the packed
+//                  layout (coalesced across the warp). The input rows are split across blockIdx.y
+//                  (split-K) so that narrow layers still fill the GPU; partial sums meet in an fp32
+//                  buffer through atomicAdd. Per group the scale is factored out:
+//                  sum_r s(c_r - z)x_r = s(sum_r c_r x_r - z sum_r x_r), one FMA per code.
+//   dequant_kernel larger M (prefill): writes the effective fp16/bf16 weight W^T [K, N] (base and salient
 //                  columns) and hands it to cuBLAS through at::mm.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAGuard.h>
