@@ -108,7 +108,7 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     return rows
 
 
-def generated_texts(model, tokenizer, n_tokens: int, seed: int = 0, batch_size: int = 16,
+def generated_texts(model, tokenizer, n_tokens: int, seed: int = 0, batch_size: int = 64,
                     max_new_tokens: int = 256, progress: bool = True) -> list[str]:
     """At least ``n_tokens`` tokens of text written by ``model`` (fewer only if it keeps stopping at once),
     as one document per prompt; cached and extended per model, seed and ``VERSION``."""
