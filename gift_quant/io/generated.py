@@ -129,7 +129,8 @@ def generated_texts(model, tokenizer, n_tokens: int, seed: int = 0, batch_size: 
         try:
             while have < n_tokens:
                 start = len(docs)
-                prompts, _ = _prompts(tokenizer, start, batch_size, gen)
+                n = min(batch_size, -(-(n_tokens - have) // max_new_tokens))  # the last batch: only what is missing
+                prompts, _ = _prompts(tokenizer, start, n, gen)
                 rows = _generate_batch(model, tokenizer, prompts, max_new_tokens, seed * 1_000_003 + start)
                 got = 0
                 for r in rows:
