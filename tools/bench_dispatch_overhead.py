@@ -2,12 +2,14 @@
 
 The H200 device check (BENCHMARKS.md) measured eager 7B-shaped decode at 0.34-0.50x FP16 although the
 Triton GEMV alone is 1.07-1.29x fp16: 130-185 us per Linear went to Python, not to the GPU. This tool
-measures that host time on any machine (CPU is enough): the Triton launch is replaced by an allocation
-of the output, so what remains is module call, backend choice, layout-cache lookup and op dispatch. It
-times the same layer through the torch.library custom op (what torch.compile traces) and through the
-eager route, in one run, and prints microseconds per call and ratios.
+measures that host time. On CPU the Triton launch is replaced by an allocation of the output, so what
+remains is module call, backend choice, layout-cache lookup and op dispatch. On CUDA nothing is stubbed:
+the layer is small (256x256, a few us of GPU work), so a loop of asynchronous calls measures host time,
+and one more row times the bare Triton launch (``triton_mixed.mixed_linear``). It times the same layer
+through the torch.library custom op (what torch.compile traces) and through the eager route, in one
+run, and prints microseconds per call and ratios.
 
-    python tools/bench_dispatch_overhead.py            # --calls 3000 --md table.md
+    python tools/bench_dispatch_overhead.py            # --calls 3000 --md table.md (CUDA when available)
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # the self-check runs the real kernel once, on CPU
 os.environ["GIFT_QUANT_KERNEL"] = "triton"
 import torch
 import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: the self-check runs once
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gift_quant.kernels import triton_mixed, triton_ops
@@ -38,6 +43,8 @@ def per_call_us(f, calls: int, repeats: int = 5) -> float:
         t = time.perf_counter()
         for _ in range(calls):
             f()
+        if CUDA:
+            torch.cuda.synchronize()
         ts.append((time.perf_counter() - t) / calls * 1e6)
     return statistics.median(ts)
 
@@ -48,14 +55,21 @@ def main(argv=None):
     ap.add_argument("--md", default=None, help="also write the markdown table here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    layer = MixedPrecisionLinear.random(256, 256, 4, 128, 8, bias=True, seed=0)
-    x = torch.randn(1, 1, 256)
-    w = torch.randn(256, 256)
+    dev, dt = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
+    layer = MixedPrecisionLinear.random(256, 256, 4, 128, 8, bias=True, seed=0).to(dev)
+    x = torch.randn(1, 1, 256, device=dev, dtype=dt)
+    w = torch.randn(256, 256, device=dev, dtype=dt)
     with torch.no_grad():
-        layer(x)  # self-check and layout build, with the real (interpreted) kernel
+        layer(x)  # self-check and layout build, with the real kernel (interpreted on CPU)
         real = triton_mixed.mixed_linear
-        triton_mixed.mixed_linear = lambda x2d, L, path="gemv", config=None: torch.empty(
-            x2d.shape[0], L.out_features, dtype=x2d.dtype)
+        launch = []
+        if CUDA:
+            L0 = dispatch.prepared(layer, "triton", x.dtype)
+            launch = [("bare Triton launch (triton_mixed.mixed_linear, GEMV)",
+                       per_call_us(lambda: real(x.view(1, 256), L0, "gemv"), a.calls))]
+        else:
+            triton_mixed.mixed_linear = lambda x2d, L, path="gemv", config=None: torch.empty(
+                x2d.shape[0], L.out_features, dtype=x2d.dtype)
         try:
             L = dispatch.prepared(layer, "triton", x.dtype)
 
@@ -69,12 +83,14 @@ def main(argv=None):
                     ("layout-cache lookup (dispatch.prepared)",
                      per_call_us(lambda: dispatch.prepared(layer, "triton", x.dtype), a.calls)),
                     ("backend choice (dispatch.resolve)", per_call_us(lambda: dispatch.resolve(x, layer), a.calls)),
-                    ("whole layer(x), eager", per_call_us(lambda: layer(x), a.calls))]
+                    ("whole layer(x), eager", per_call_us(lambda: layer(x), a.calls))] + launch
         finally:
             triton_mixed.mixed_linear = real
     dense = rows[0][1]
-    lines = [(f"Host time per call, kernel launch stubbed ({platform.processor() or platform.machine()}, "
-              f"1 thread, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}), median of 5 x {a.calls} calls:"),
+    where = (f"{torch.cuda.get_device_name()}, real launches" if CUDA else
+             f"{platform.processor() or platform.machine()}, kernel launch stubbed")
+    lines = [(f"Host time per call ({where}, 1 thread, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}), "
+              f"median of 5 x {a.calls} calls:"),
              "", "| what | us per call | vs dense F.linear |", "|---|---|---|"]
     lines += [f"| {name} | {us:.1f} | {us / dense:.2f}x |" for name, us in rows]
     text = "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@
 #   kernel    kernel table: Triton vs fp16 F.linear, 4096x4096, 4096x11008, 11008x4096, batch 1/4/16/64,
 #             2/3/4 bits, k = 128, CUDA-graph timing, weights rotated past L2, copy bandwidth
 #   tests     the GPU tests of the kernels (Triton, the PyTorch path, torch.compile + CUDA graphs)
+#   hostprof  host time per eager call: dense F.linear, the layer, its parts, the bare Triton launch
 #   e2e       LLaMA-2-7B-shaped decode (random weights), FP16 vs gift 4/3/2-bit, eager
 #   compress  `gift-quant compress --bits 2 --recipe post` on a SmolLM2-shaped random model on the GPU:
 #             wall time and peak GPU memory
@@ -47,7 +48,7 @@ fi
 # (plain strings, split on purpose: the parts run in `bash -c` under `timeout`, and arrays do not export)
 WORK=$(mktemp -d)
 
-ALL=(env kernel tests e2e compress offload compile cuda vllm)
+ALL=(env kernel tests hostprof e2e compress offload compile cuda vllm)
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=("${ALL[@]}")
 for p in "${PARTS[@]}"; do
@@ -131,6 +132,11 @@ part_tests() {
   local rc=${PIPESTATUS[0]}
   { echo '```'; tail -n 8 "$WORK/tests.txt"; echo '```'; } >>"$REPORT"
   return "$rc"
+}
+
+part_hostprof() {
+  section "Host time per eager call (tools/bench_dispatch_overhead.py)"
+  $PY tools/bench_dispatch_overhead.py --calls 2000 --md "$WORK/host.md" && cat "$WORK/host.md" >>"$REPORT"
 }
 
 part_e2e() {
@@ -217,9 +223,9 @@ part_vllm() {
 }
 
 export ROOT OUT REPORT LOG PY WORK SMOKE DEV KSHAPE E2E SMOL OFFL
-export -f section note part_env part_kernel part_tests part_e2e part_compile part_compress part_offload part_cuda part_vllm
-declare -A EST=([env]=5 [kernel]=60 [tests]=40 [e2e]=60 [compress]=60 [offload]=45 [compile]=120 [cuda]=150 [vllm]=90)
-declare -A LIMIT=([env]=60 [kernel]=180 [tests]=150 [e2e]=200 [compress]=200 [offload]=150 [compile]=240 [cuda]=300 [vllm]=200)
+export -f section note part_env part_kernel part_tests part_hostprof part_e2e part_compile part_compress part_offload part_cuda part_vllm
+declare -A EST=([env]=5 [kernel]=60 [tests]=40 [hostprof]=20 [e2e]=60 [compress]=60 [offload]=45 [compile]=120 [cuda]=150 [vllm]=90)
+declare -A LIMIT=([env]=60 [kernel]=180 [tests]=150 [hostprof]=90 [e2e]=200 [compress]=200 [offload]=150 [compile]=240 [cuda]=300 [vllm]=200)
 for p in "${PARTS[@]}"; do
   run_part "$p" "${EST[$p]}" "${LIMIT[$p]}" "part_$p"
 done
