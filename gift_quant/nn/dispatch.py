@@ -75,13 +75,24 @@ def torch_forward(x: torch.Tensor, layer) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ layout cache
 
+_BASE = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
+_KERNEL = _BASE + ("salient_weight", "bias")  # the kernels' layouts also hold the FP16 columns and the bias
+
+
+def _tensors(layer, names) -> list:
+    """The named tensors, read from a module's buffer/parameter dicts when it has them: nn.Module's
+    ``__getattr__`` costs ~2 us per name, a third of a decode call's host time (bench_dispatch_overhead)."""
+    b, p = getattr(layer, "_buffers", None), getattr(layer, "_parameters", None)
+    if b is None or p is None:
+        return [getattr(layer, n) for n in names]
+    return [b[n] if n in b else p[n] if n in p else getattr(layer, n) for n in names]
+
+
 def _key(layer, backend: str, dtype: torch.dtype):
-    ts = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx)
-    if backend != "torch":  # the kernels' layouts also hold the FP16 columns and the bias
-        ts += (layer.salient_weight, layer.bias)
+    ts = _tensors(layer, _BASE if backend == "torch" else _KERNEL)
     # identity and data_ptr catch buffers replaced by assignment; _version catches in-place writes
-    return (backend, dtype, str(layer.qweight.device),
-            tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in ts))
+    return (backend, dtype, ts[0].device,
+            tuple((id(t), t.data_ptr(), t._version, t.shape) if t is not None else None for t in ts))
 
 
 def _cache(layer) -> dict:
@@ -228,7 +239,7 @@ def _wants_kernel(x: torch.Tensor) -> bool:
 
 
 def needs_autograd(x: torch.Tensor, layer) -> bool:
-    return torch.is_grad_enabled() and (layer.salient_weight.requires_grad or x.requires_grad)
+    return torch.is_grad_enabled() and (_tensors(layer, ("salient_weight",))[0].requires_grad or x.requires_grad)
 
 
 def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor:
