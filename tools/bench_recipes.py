@@ -62,7 +62,7 @@ def budget_overrides(a) -> dict:
             "lr": a.lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
             "seq_len": 512, "dataset": a.calib_dataset, "max_train_tokens": a.max_train_tokens, "eval_every": 0,
             "patience": 0,
-            "save_every": 0, "train_dataset": "train", "weight_decay": 0.0, "method": a.quant_method}
+            "save_every": 0, "train_dataset": a.train_dataset, "weight_decay": 0.0, "method": a.quant_method}
 
 
 def evaluate(model, evs: dict, device) -> dict:
@@ -86,6 +86,7 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-dataset", default="bundled", help="calibration text, e.g. bundled, generated, "
                     "bundled+generated (every method gets the same)")
+    ap.add_argument("--train-dataset", default="train", help="training text (every trained method gets the same)")
     ap.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"],
                     help="final quantizer (rtn: a cheap A/B on a slow machine; the table uses gptq)")
     ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of each held-out domain")
@@ -205,7 +206,8 @@ def budget_line(a, seeds, evs=None) -> str:
     n = a.eval_windows if evs is None else min(w.shape[0] for w in evs.values())
     return (f"every trained method {a.steps} steps x {a.batch_size} x {a.train_seq_len} tokens = "
             f"{a.steps * a.batch_size * a.train_seq_len:,} training tokens (lr {a.lr:g}, 3% warm-up then linear "
-            f"decay, AdamW, no held-out selection; train text `train` = pydoc topics split + stdlib docstrings, "
+            f"decay, AdamW, no held-out selection; train text `{getattr(a, 'train_dataset', 'train')}` "
+            f"(`train` = pydoc topics split + stdlib docstrings), "
             f"{a.max_train_tokens:,} tokens tokenized), calibration {a.calib_samples} x 512 tokens of "
             f"`{getattr(a, 'calib_dataset', 'bundled')}`, "
             f"eval {n} x 512 tokens of each of {', '.join(EVAL_DOMAINS)}, seeds {seeds}")

@@ -112,3 +112,13 @@ def test_checkpoint_tensor_mismatch_is_refused(tiny_model_dir, tmp_path, capsys)
     code, _, err = _run(capsys, "eval", str(out), "--quiet")
     assert code == 2 and "truncated" in err
     torch.manual_seed(0)
+
+
+def test_compress_calibrates_on_generated_text(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path / "cache"))
+    code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o", "--bits", "4", "--no-eval",
+                                                "--dataset", "bundled+generated"))
+    assert code == 0, err
+    assert len(list((tmp_path / "cache").glob("generated-*.json"))) == 1  # the model wrote half the windows
+    code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o2", "--eval-dataset", "generated"))
+    assert code == 2 and "serves calibration" in err and "Traceback" not in err
