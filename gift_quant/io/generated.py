@@ -61,7 +61,7 @@ def model_key(model) -> str:
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     params = list(model.parameters())
     for p in params[:2] + params[-2:]:
-        h.update(p.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())  # slice first: no full copy
     return h.hexdigest()[:16]
 
 
