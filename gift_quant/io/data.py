@@ -180,11 +180,12 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def calibration_samples(texts: list[str], tokenizer, n_samples: int, seq_len: int, seed: int = 0,
-                        what: str = "calibration") -> torch.Tensor:
+                        what: str = "calibration", source: str | None = None) -> torch.Tensor:
     """``n_samples`` random non-overlapping windows [n, seq_len] (seeded)."""
     w = windows(tokenize_stream(texts, tokenizer), seq_len)
     if w.shape[0] < n_samples:
-        raise GiftError(f"too little {what} text: {w.shape[0]} windows of {seq_len} tokens, need {n_samples} "
+        where = f" in {source!r}" if source else ""
+        raise GiftError(f"too little {what} text{where}: {w.shape[0]} windows of {seq_len} tokens, need {n_samples} "
                         "(lower --calib-samples or --seq-len, or give more text)")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(w.shape[0], generator=g)[:n_samples].sort().values
@@ -221,7 +222,7 @@ def calibration_windows(source, tokenizer, n_samples: int, seq_len: int, seed: i
             texts = generated_texts(model, tokenizer, int(n * seq_len * 1.15) + seq_len, seed=seed, progress=progress)
         else:
             texts = load_texts(part)
-        out.append(calibration_samples(texts, tokenizer, n, seq_len, seed, what=f"'{part}' calibration"))
+        out.append(calibration_samples(texts, tokenizer, n, seq_len, seed, source=part if len(parts) > 1 else None))
     return torch.cat(out)
 
 
