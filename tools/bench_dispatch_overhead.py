@@ -62,17 +62,15 @@ def main(argv=None):
     with torch.no_grad():
         layer(x)  # self-check and layout build, with the real kernel (interpreted on CPU)
         real = triton_mixed.mixed_linear
+        L = dispatch.prepared(layer, "triton", x.dtype)
         launch = []
         if CUDA:
-            L0 = dispatch.prepared(layer, "triton", x.dtype)
             launch = [("bare Triton launch (triton_mixed.mixed_linear, GEMV)",
-                       per_call_us(lambda: real(x.view(1, 256), L0, "gemv"), a.calls))]
+                       per_call_us(lambda: real(x.view(1, 256), L, "gemv"), a.calls))]
         else:
             triton_mixed.mixed_linear = lambda x2d, L, path="gemv", config=None: torch.empty(
                 x2d.shape[0], L.out_features, dtype=x2d.dtype)
         try:
-            L = dispatch.prepared(layer, "triton", x.dtype)
-
             def via_op():
                 return torch.ops.gift_quant.mixed_linear_triton(
                     x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, L.bias, L.bits,

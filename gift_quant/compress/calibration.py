@@ -52,10 +52,10 @@ def _token_samples(dataset, config: GiftConfig) -> torch.Tensor | None:
     return torch.stack([i[:L] for i in ids])
 
 
-def _text_samples(texts: list[str], tokenizer, config: GiftConfig, lenient: bool) -> torch.Tensor:
+def _text_samples(texts: list[str], tokenizer, config: GiftConfig) -> torch.Tensor:
+    """Windows from a user-given list of texts: fewer than asked is a warning, not an error (named
+    sources go through :func:`gift_quant.io.data.calibration_windows`, where it is an error)."""
     from gift_quant.io.data import calibration_samples, tokenize_stream, windows
-    if not lenient:
-        return calibration_samples(texts, tokenizer, config.calib_samples, config.seq_len, config.seed)
     stream = tokenize_stream(texts, tokenizer)
     w = windows(stream, config.seq_len)
     if w.shape[0] >= config.calib_samples:
@@ -81,7 +81,7 @@ def calibration_tensor(dataset, tokenizer, config: GiftConfig, model=None, progr
     if isinstance(dataset, (list, tuple)):
         if not all(isinstance(t, str) for t in dataset):
             raise GiftError("dataset: a list must hold strings, token-id tensors or dicts with input_ids")
-        return _text_samples(list(dataset), tokenizer, config, lenient=True)
+        return _text_samples(list(dataset), tokenizer, config)
     if dataset is None or isinstance(dataset, str):
         from gift_quant.io.data import calibration_windows
         return calibration_windows(dataset, tokenizer, config.calib_samples, config.seq_len, config.seed, model=model,
@@ -90,6 +90,6 @@ def calibration_tensor(dataset, tokenizer, config: GiftConfig, model=None, progr
         from gift_quant.io.data import _texts_from_records
         if "input_ids" in dataset.column_names and "text" not in dataset.column_names:
             return calibration_tensor(list(dataset["input_ids"]), None, config)
-        return _text_samples(_texts_from_records(dataset, None), tokenizer, config, lenient=True)
+        return _text_samples(_texts_from_records(dataset, None), tokenizer, config)
     raise GiftError(f"dataset: unsupported type {type(dataset).__name__} (use a name, a list of strings, "
                     "token-id tensors or a datasets.Dataset)")

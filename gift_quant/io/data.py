@@ -242,6 +242,11 @@ _DOCSTRING_EXCLUDE = ("idlelib", "pydoc_data", "test", "tests", "site-packages",
 TRAIN_SOURCES = ("train", "stdlib-docstrings")
 
 
+def cache_dir() -> Path:
+    """Where derived text is cached (``GIFT_QUANT_CACHE``, default ~/.cache/gift_quant)."""
+    return Path(os.environ.get("GIFT_QUANT_CACHE", Path.home() / ".cache" / "gift_quant"))
+
+
 def _stdlib_root() -> Path:
     import sysconfig
     return Path(sysconfig.get_paths()["stdlib"])
@@ -257,8 +262,7 @@ def stdlib_docstrings(min_chars: int = 200) -> list[str]:
     import ast
     import json
     import sys
-    cache = Path(os.environ.get("GIFT_QUANT_CACHE", Path.home() / ".cache" / "gift_quant")) / \
-        f"stdlib-docstrings-{sys.version_info[0]}.{sys.version_info[1]}-{min_chars}.json"
+    cache = cache_dir() / f"stdlib-docstrings-{sys.version_info[0]}.{sys.version_info[1]}-{min_chars}.json"
     try:
         return json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
+from gift_quant.io.data import cache_dir
 
 VERSION = 1  # bump when TOPICS, STYLES or the sampling below change: the cache key includes it
 TOPICS = (
@@ -48,10 +47,6 @@ STYLES = (
 )
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("GIFT_QUANT_CACHE", Path.home() / ".cache" / "gift_quant"))
-
-
 def model_key(model) -> str:
     """Architecture plus a sample of the weights: two models share a cache only if they write alike."""
     h = hashlib.sha256()
@@ -65,7 +60,7 @@ def model_key(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _prompts(tokenizer, start: int, n: int, gen: torch.Generator) -> tuple[list[list[int]], bool]:
+def _prompts(tokenizer, start: int, n: int, gen: torch.Generator) -> list[list[int]]:
     """Token ids of prompts ``start .. start+n`` (chat template), or a random first token each."""
     if getattr(tokenizer, "chat_template", None):
         out = []
@@ -76,10 +71,10 @@ def _prompts(tokenizer, start: int, n: int, gen: torch.Generator) -> tuple[list[
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             out.append(list(ids))
-        return out, True
+        return out
     vocab = len(tokenizer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + [int(torch.randint(0, vocab, (1,), generator=gen))] for _ in range(n)], False
+    return [bos + [int(torch.randint(0, vocab, (1,), generator=gen))] for _ in range(n)]
 
 
 @torch.no_grad()
@@ -112,7 +107,7 @@ def generated_texts(model, tokenizer, n_tokens: int, seed: int = 0, batch_size: 
                     max_new_tokens: int = 256, progress: bool = True) -> list[str]:
     """At least ``n_tokens`` tokens of text written by ``model`` (fewer only if it keeps stopping at once),
     as one document per prompt; cached and extended per model, seed and ``VERSION``."""
-    path = _cache_dir() / f"generated-v{VERSION}-{model_key(model)}-s{seed}-t{max_new_tokens}.json"
+    path = cache_dir() / f"generated-v{VERSION}-{model_key(model)}-s{seed}-t{max_new_tokens}.json"
     try:
         docs = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -130,7 +125,7 @@ def generated_texts(model, tokenizer, n_tokens: int, seed: int = 0, batch_size: 
             while have < n_tokens:
                 start = len(docs)
                 n = min(batch_size, -(-(n_tokens - have) // max_new_tokens))  # the last batch: only what is missing
-                prompts, _ = _prompts(tokenizer, start, n, gen)
+                prompts = _prompts(tokenizer, start, n, gen)
                 rows = _generate_batch(model, tokenizer, prompts, max_new_tokens, seed * 1_000_003 + start)
                 got = 0
                 for r in rows:

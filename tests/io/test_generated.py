@@ -34,9 +34,11 @@ def test_generates_enough_tokens_caches_and_extends(cache, monkeypatch):
 def test_chat_template_prompts_name_the_topics():
     tok = char_tokenizer()
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    prompts, chat = generated._prompts(tok, 0, 3, torch.Generator().manual_seed(0))
-    assert chat and len(prompts) == 3
-    assert generated.TOPICS[1] in "".join(tok.convert_ids_to_tokens(prompts[1]))
+    prompts = generated._prompts(tok, 0, 3, torch.Generator().manual_seed(0))
+    assert len(prompts) == 3
+    text = "".join(tok.convert_ids_to_tokens(prompts[1]))
+    assert text.startswith("<user>") and text.endswith("<assistant>")  # rendered through the chat template
+    assert generated.TOPICS[1] in text
 
 
 def test_topics_avoid_the_evaluation_domains():
