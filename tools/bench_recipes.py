@@ -1,10 +1,11 @@
 """Held-out perplexity of every GIFT-SW recipe and baseline on the bundled model, on two held-out domains.
 
 Methods: fp, none (GPTQ + FP16 columns, untrained), post (the shipped recipe: no noise), post-noise
-(post with Gaussian noise, sigma = half each group's stored scale), pre (noise from the run's own
+(post with Gaussian noise, sigma = half each group's stored scale), post-kd (post trained to the float
+model's next-token distribution instead of the text's next token), pre (noise from the run's own
 quantizer, then GPTQ), pre-nonoise, ste, lora (rank matched to GIFT's trainable-parameter count). For
 each bit width and seed the compressed stage (calibration + GPTQ) is computed once and shared by none /
-post / post-noise / ste / lora (all start from the very same codes); pre runs its own GPTQ after
+post / post-noise / post-kd / ste / lora (all start from the very same codes); pre runs its own GPTQ after
 training. Every trained method gets the same budget: data, steps, batch, sequence length, lr, schedule
 and seed, given explicitly so the recipes' cpu/gpu sections do not differ between methods.
 
@@ -43,10 +44,11 @@ from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
-METHODS = ("fp", "none", "post", "post-noise", "pre", "pre-nonoise", "ste", "lora")
-# method -> (recipe, forced noise)
-VARIANTS = {"post": ("post", "none"), "post-noise": ("post", "gaussian"), "pre": ("pre", "gaussian"),
-            "pre-nonoise": ("pre", "none")}
+METHODS = ("fp", "none", "post", "post-noise", "post-kd", "pre", "pre-nonoise", "ste", "lora")
+# method -> (recipe, forced settings)
+VARIANTS = {"post": ("post", {"noise": "none"}), "post-noise": ("post", {"noise": "gaussian"}),
+            "post-kd": ("post", {"noise": "none", "loss": "kd"}), "pre": ("pre", {"noise": "gaussian"}),
+            "pre-nonoise": ("pre", {"noise": "none"})}
 _STAGE_FILES = ("compressed.json", "compressed.safetensors", "saliency.safetensors")
 
 
@@ -140,10 +142,8 @@ def main(argv=None):
             stage = Path(tempfile.mkdtemp(prefix=f"bench-b{bits}-s{seed}-"))
             try:
                 for m in [m for m in methods if m != "fp"]:
-                    recipe, noise = VARIANTS.get(m, (m, None))
-                    ov = {"bits": bits, "seed": seed, **budget_overrides(a)}
-                    if noise is not None:
-                        ov["noise"] = noise
+                    recipe, forced = VARIANTS.get(m, (m, {}))
+                    ov = {"bits": bits, "seed": seed, **budget_overrides(a), **forced}
                     r = load_recipe(recipe, ov, device=str(device))
                     work = Path(tempfile.mkdtemp(prefix=f"bench-{m}-"))
                     if recipe != "pre":

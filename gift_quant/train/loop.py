@@ -1,6 +1,9 @@
 """Training loop for the GIFT-SW recipes (and the STE / LoRA baselines).
 
 - Causal-LM loss on packed windows; for chat data the labels of non-assistant tokens are -100.
+  ``loss: kd`` replaces the text's next token by the float teacher's next-token distribution (KL to the
+  teacher on the same positions): the columns then recover the float model rather than fit the training
+  text's domain. The held-out loss stays cross-entropy.
 - AdamW (paper defaults: lr 1e-4, weight decay 0), warmup over ``warmup_ratio`` of the steps, then
   linear decay to 0 (the method's schedule; ``cosine`` or ``constant`` on request), from transformers'
   ``get_scheduler``; gradient accumulation, bf16 autocast on CUDA, fp32 on CPU.
@@ -85,6 +88,24 @@ def val_loss(model, val: torch.Tensor, labels: torch.Tensor | None, batch_size: 
     return tot / max(cnt, 1)
 
 
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the scored positions (those whose next label is not -100) of KL(teacher || student)."""
+    mask = labels[:, 1:] != -100
+    s = torch.log_softmax(logits[:, :-1][mask].float(), -1)
+    t = torch.log_softmax(teacher_logits[:, :-1][mask].float(), -1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum") / max(int(mask.sum()), 1)
+
+
+def _loss(run_model, teacher, ids, lab, device):
+    with _autocast(device):
+        if teacher is None:
+            return run_model(input_ids=ids, labels=lab, use_cache=False).loss
+        with torch.no_grad():
+            t = teacher(input_ids=ids, use_cache=False).logits
+        out = run_model(input_ids=ids, use_cache=False).logits
+    return kd_loss(out, t, lab)
+
+
 def _autocast(device):
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -94,9 +115,9 @@ def _autocast(device):
 
 def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, resume: bool = False,
           labels: torch.Tensor | None = None, val: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
-          recipe_fingerprint: str = "", device=None, log=None, seed: int = 0) -> TrainReport:
+          recipe_fingerprint: str = "", device=None, log=None, seed: int = 0, teacher=None) -> TrainReport:
     """Train the parameters of ``model`` that require grad on ``windows`` [N, T] (token ids); ``seed`` fixes
-    the data order and the noise."""
+    the data order and the noise. ``teacher``: the float model, required by ``loss: kd``."""
     s = settings
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise GiftError("no training windows: the training text is empty or shorter than one sequence")
@@ -105,6 +126,10 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     if s.batch_size < 1 or s.grad_accum < 1:
         raise GiftError("batch size and grad accumulation must be >= 1")
     device = torch.device(device or next(model.parameters()).device)
+    if s.loss == "kd" and teacher is None:
+        raise GiftError("loss kd needs the float model as teacher")
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
     names = trainable(model)
     if not names:
         raise GiftError("nothing to train: no parameter requires grad")
@@ -146,9 +171,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
             lab = ids if labels is None else labels[rows].to(device)
             ctx = acc.no_sync(run_model) if (acc and micro < s.grad_accum - 1) else contextlib.nullcontext()
             with ctx:
-                with _autocast(device):
-                    out = run_model(input_ids=ids, labels=lab, use_cache=False)
-                loss = out.loss / s.grad_accum
+                loss = _loss(run_model, teacher if s.loss == "kd" else None, ids, lab, device) / s.grad_accum
                 if not torch.isfinite(loss):
                     raise GiftError(f"training diverged at step {step} (loss is {float(loss)}); lower the lr")
                 loss.backward()

@@ -47,7 +47,9 @@ class Method:
     def train(self, run):
         ids, labels, val, val_labels = run.train_data
         run.train_report = train(run.model, ids, run.recipe.train, run.work_dir, run.resume, labels, val,
-                                 val_labels, run.fingerprint, run.device, run.log, seed=run.config.seed)
+                                 val_labels, run.fingerprint, run.device, run.log, seed=run.config.seed,
+                                 teacher=run.teacher)
+        run.teacher = None  # free the float copy before finalize
 
     def finalize(self, run):
         pass

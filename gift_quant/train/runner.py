@@ -51,6 +51,7 @@ class Run:
     eval_before_training: bool = False
     samples: torch.Tensor | None = None
     train_data: tuple | None = None
+    teacher: Any = None   # float copy of the model for loss: kd
     summary: dict = dataclasses.field(default_factory=dict)
     compress_report: CompressReport | None = None
     train_report: TrainReport | None = None
@@ -71,6 +72,7 @@ def _train_summary(r: Recipe, tr: TrainReport) -> dict:
     s = r.train
     return {"train_dataset": s.train_dataset, "steps": tr.steps_done, "lr": s.lr,
             "batch": f"{s.batch_size} x {s.grad_accum} x {s.train_seq_len} tokens", "noise": s.noise,
+            "loss": s.loss,
             "trainable_params": tr.trainable_params, "train_step_seconds": round(tr.step_seconds, 3),
             "train_tokens_per_second": round(tr.tokens_per_second, 1),
             "train_peak_memory_mb": round(tr.peak_memory_mb, 1),
@@ -104,6 +106,8 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     run.samples = calibration_windows(cfg.dataset, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed, model=model,
                                       progress=progress)
     freeze(model)
+    if method.trains and r.train.loss == "kd":
+        run.teacher = copy.deepcopy(model).eval()  # before prepare compresses or wraps the model
     method.prepare(run)
     if method.trains:
         method.train(run)

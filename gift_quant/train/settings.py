@@ -29,6 +29,9 @@ class TrainSettings:
     schedule: str = setting("linear", "learning rate after warmup (transformers' get_scheduler)",
                             choices=("linear", "cosine", "constant"))
     max_grad_norm: float = setting(1.0, "gradient clipping norm (null: none)", types=(float,), lo=0, nullable=True)
+    loss: str = setting("ce", "training objective: ce (next-token cross-entropy on the text) or kd (KL divergence "
+                              "to the float model's next-token distribution on the same text; keeps a float copy "
+                              "of the model while training)", choices=("ce", "kd"), flag="--loss")
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")
     noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,),

@@ -163,3 +163,12 @@ def test_baseline_recipes_run(tmp_path, tiny_model_dir, method):
                    progress=False, device="cpu").summary
     assert s["steps"] == 4 and s["trainable_params"] > 0
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_post_with_kd_loss_runs_and_frees_the_teacher(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    r = _recipe(tmp_path, "post", noise="none", loss="kd")
+    res = run_recipe(r, model, char_tokenizer(), work_dir=tmp_path / "work", progress=False, device="cpu")
+    s = res.summary
+    assert s["loss"] == "kd" and s["steps"] == 4 and s["final_train_loss"] >= 0

@@ -241,3 +241,45 @@ def test_idle_text_without_idlelib_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "idlelib", None)   # makes `import idlelib` raise ImportError
     with pytest.raises(GiftError, match="idlelib.*--eval-dataset"):
         load_texts("idle")
+
+
+def test_kd_loss_matches_float64_reference_on_scored_positions():
+    from gift_quant.train.loop import kd_loss
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
+    lab = torch.randint(0, 11, (3, 7), generator=g)
+    lab[0, 3:] = -100   # e.g. a chat window: only the assistant's tokens are scored
+    ref, n = 0.0, 0
+    for b in range(3):
+        for i in range(6):
+            if lab[b, i + 1] == -100:
+                continue
+            p = torch.softmax(t[b, i].double(), -1)
+            ref += float((p * (p.log() - torch.log_softmax(s[b, i].double(), -1))).sum())
+            n += 1
+    assert float(kd_loss(s, t, lab)) == pytest.approx(ref / n, rel=1e-5)
+    assert float(kd_loss(t, t, lab)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_training_moves_the_student_towards_the_teacher():
+    teacher = tiny_llama(0).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # the teacher's Linears differ from the student's frozen base, as after quantization
+        for n, p in teacher.named_parameters():
+            if "proj" in n:
+                p.add_(0.5 * p.std() * torch.randn_like(p))
+    student = gift_tiny(noise="none", seed=0)
+    data = torch.randint(0, 128, (8, 32))
+    from gift_quant.train.loop import kd_loss
+
+    def gap():
+        with torch.no_grad():
+            return float(kd_loss(student(data).logits, teacher(data).logits, data))
+    before = gap()
+    rep = train(student, data, TrainSettings(steps=15, lr=1e-2, batch_size=4, loss="kd", progress=False),
+                teacher=teacher)
+    assert rep.losses[-1] < rep.losses[0] and gap() < 0.7 * before
+    with pytest.raises(GiftError, match="teacher"):
+        train(student, data, TrainSettings(steps=1, loss="kd", progress=False))
+    with pytest.raises(GiftError, match="loss"):
+        TrainSettings(loss="mse")
