@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--train-dataset", default="train", help="training text (every trained method gets the same)")
     ap.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"],
                     help="final quantizer (rtn: a cheap A/B on a slow machine; the table uses gptq)")
+    ap.add_argument("--stage-dir", default=None, help="keep the compressed stage (calibration + GPTQ) of each "
+                    "bit width and seed here and reuse it in later runs (e.g. one run per lr)")
     ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of each held-out domain")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -139,7 +141,11 @@ def main(argv=None):
         dump()
     for bits in bits_list:
         for seed in seeds:
-            stage = Path(tempfile.mkdtemp(prefix=f"bench-b{bits}-s{seed}-"))
+            if a.stage_dir:  # kept across runs (an lr sweep); a mismatched config fails its fingerprint check
+                stage = Path(a.stage_dir) / f"b{bits}-s{seed}-{a.calib_dataset}-{a.calib_samples}-{a.quant_method}"
+                stage.mkdir(parents=True, exist_ok=True)
+            else:
+                stage = Path(tempfile.mkdtemp(prefix=f"bench-b{bits}-s{seed}-"))
             try:
                 for m in [m for m in methods if m != "fp"]:
                     recipe, forced = VARIANTS.get(m, (m, {}))
@@ -175,7 +181,8 @@ def main(argv=None):
                     dump()
                     del s, res
             finally:
-                shutil.rmtree(stage, ignore_errors=True)
+                if not a.stage_dir:
+                    shutil.rmtree(stage, ignore_errors=True)
     dump()
     if not a.no_write:
         write_section(a, results, budget_line(a, seeds, evs), time.time() - t_start)

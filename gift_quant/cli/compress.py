@@ -10,6 +10,7 @@ import contextlib
 import shutil
 import sys
 import time
+import warnings
 
 from gift_quant.cli.flags import add_setting_flags, overrides, resolve_device
 from gift_quant.config import GiftConfig
@@ -44,10 +45,14 @@ def run(a) -> int:
     from gift_quant.io.model_io import load_model
     from gift_quant.train.dist import barrier, dist_rank
     from gift_quant.train.recipe import load_recipe
+    from gift_quant.train.methods import METHODS
     from gift_quant.train.runner import run_recipe
 
     device = resolve_device(a.device)
     r = load_recipe(a.recipe, overrides(a, GiftConfig, TrainSettings), device)
+    unused = sorted(overrides(a, TrainSettings))
+    if unused and not METHODS[r.method].trains:
+        warnings.warn(f"gift-quant: recipe {r.method} does not train; ignoring {', '.join(unused)}", stacklevel=1)
     rank, world = dist_rank()
     main = rank == 0
     # multi-process (accelerate launch / torchrun): rank 0 alone checks, owns and renames the output

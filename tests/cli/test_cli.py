@@ -122,3 +122,10 @@ def test_compress_calibrates_on_generated_text(tiny_model_dir, tmp_path, capsys,
     assert len(list((tmp_path / "cache").glob("generated-*.json"))) == 1  # the model wrote half the windows
     code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o2", "--eval-dataset", "generated"))
     assert code == 2 and "serves calibration" in err and "Traceback" not in err
+
+
+def test_training_flags_on_a_recipe_that_does_not_train_warn(tiny_model_dir, tmp_path, capsys):
+    with pytest.warns(UserWarning, match="recipe none does not train; ignoring loss, steps"):
+        code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o", "--bits", "4", "--no-eval",
+                                                     "--loss", "kd", "--steps", "5"))
+    assert code == 0, err
