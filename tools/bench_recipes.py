@@ -2,7 +2,8 @@
 
 Methods: fp, none (GPTQ + FP16 columns, untrained), post (the shipped recipe: no noise), post-noise
 (post with Gaussian noise, sigma = half each group's stored scale), post-kd (post trained to the float
-model's next-token distribution instead of the text's next token), pre (noise from the run's own
+model's next-token distribution instead of the text's next token), post-norms / post-kd-norms (also train
+the normalization weights), pre (noise from the run's own
 quantizer, then GPTQ), pre-nonoise, ste, lora (rank matched to GIFT's trainable-parameter count). For
 each bit width and seed the compressed stage (calibration + GPTQ) is computed once and shared by none /
 post / post-noise / post-kd / ste / lora (all start from the very same codes); pre runs its own GPTQ after
@@ -44,11 +45,14 @@ from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
-METHODS = ("fp", "none", "post", "post-noise", "post-kd", "pre", "pre-nonoise", "ste", "lora")
+METHODS = ("fp", "none", "post", "post-noise", "post-kd", "post-norms", "post-kd-norms", "pre", "pre-nonoise", "ste",
+           "lora")
 # method -> (recipe, forced settings)
 VARIANTS = {"post": ("post", {"noise": "none"}), "post-noise": ("post", {"noise": "gaussian"}),
-            "post-kd": ("post", {"noise": "none", "loss": "kd"}), "pre": ("pre", {"noise": "gaussian"}),
-            "pre-nonoise": ("pre", {"noise": "none"})}
+            "post-kd": ("post", {"noise": "none", "loss": "kd"}),
+            "post-norms": ("post", {"noise": "none", "train_norms": True}),
+            "post-kd-norms": ("post", {"noise": "none", "loss": "kd", "train_norms": True}),
+            "pre": ("pre", {"noise": "gaussian"}), "pre-nonoise": ("pre", {"noise": "none"})}
 _STAGE_FILES = ("compressed.json", "compressed.safetensors", "saliency.safetensors")
 
 

@@ -35,6 +35,21 @@ def freeze(model):
     return model
 
 
+def unfreeze_norms(model) -> int:
+    """Make the normalization weights trainable (norm tweaking): elementwise, so their gradient is free once
+    the activations' gradient is computed. Returns how many tensors."""
+    n = 0
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if kind.endswith("RMSNorm") or isinstance(m, torch.nn.LayerNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(True)
+                n += 1
+    if not n:
+        warnings.warn("gift-quant: train_norms found no normalization layer to train", stacklevel=2)
+    return n
+
+
 class Method:
     """Base: compress, no training. ``run`` is the :class:`~gift_quant.train.runner.Run` of one recipe."""
 

@@ -20,7 +20,7 @@ from gift_quant.compress.report import CompressReport, summary
 from gift_quant.eval.perplexity import perplexity
 from gift_quant.io.atomic import write_json
 from gift_quant.train.dist import dist_rank
-from gift_quant.train.methods import METHODS, freeze
+from gift_quant.train.methods import METHODS, freeze, unfreeze_norms
 from gift_quant.train.recipe import Recipe
 from gift_quant.train.settings import TrainReport
 from gift_quant.train.state import fingerprint
@@ -109,6 +109,8 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     if method.trains and r.train.loss == "kd":
         run.teacher = copy.deepcopy(model).eval()  # before prepare compresses or wraps the model
     method.prepare(run)
+    if method.trains and r.train.train_norms:
+        unfreeze_norms(run.model)
     if method.trains:
         method.train(run)
     method.finalize(run)

@@ -32,6 +32,8 @@ class TrainSettings:
     loss: str = setting("ce", "training objective: ce (next-token cross-entropy on the text) or kd (KL divergence "
                               "to the float model's next-token distribution on the same text; keeps a float copy "
                               "of the model while training)", choices=("ce", "kd"), flag="--loss")
+    train_norms: bool = setting(False, "also train the decoder's normalization weights (about 1% more trainable "
+                                       "parameters; saved in the same checkpoint)", flag="--train-norms")
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")
     noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,),

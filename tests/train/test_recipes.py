@@ -172,3 +172,22 @@ def test_post_with_kd_loss_runs_and_frees_the_teacher(tmp_path, tiny_model_dir):
     res = run_recipe(r, model, char_tokenizer(), work_dir=tmp_path / "work", progress=False, device="cpu")
     s = res.summary
     assert s["loss"] == "kd" and s["steps"] == 4 and s["final_train_loss"] >= 0
+
+
+def test_train_norms_trains_and_saves_the_norm_weights(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from gift_quant import load_checkpoint
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    before = model.model.norm.weight.detach().clone()
+    r0 = _recipe(tmp_path, "post", noise="none", lr=1e-2)
+    r1 = _recipe(tmp_path, "post", noise="none", lr=1e-2, train_norms=True)
+    p0 = run_recipe(r0, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), char_tokenizer(),
+                    work_dir=tmp_path / "w0", progress=False, device="cpu").summary["trainable_params"]
+    res = run_recipe(r1, model, char_tokenizer(), out_dir=tmp_path / "out", work_dir=tmp_path / "w1",
+                     progress=False, device="cpu")
+    hidden, n_layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert res.summary["trainable_params"] == p0 + hidden * (2 * n_layers + 1)
+    loaded, _ = load_checkpoint(tmp_path / "out")
+    assert not torch.allclose(loaded.model.norm.weight.float(), before, atol=1e-3)   # trained and saved
+    torch.testing.assert_close(loaded.model.norm.weight.float(), res.model.model.norm.weight.float(),
+                               rtol=1e-3, atol=1e-3)
