@@ -191,3 +191,11 @@ def test_train_norms_trains_and_saves_the_norm_weights(tmp_path, tiny_model_dir)
     assert not torch.allclose(loaded.model.norm.weight.float(), before, atol=1e-3)   # trained and saved
     torch.testing.assert_close(loaded.model.norm.weight.float(), res.model.model.norm.weight.float(),
                                rtol=1e-3, atol=1e-3)
+
+
+def test_kd_on_pre_without_noise_is_a_one_line_error(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    r = _recipe(tmp_path, "pre", noise="none", loss="kd")
+    with pytest.raises(GiftError, match="nothing to learn"):
+        run_recipe(r, model, char_tokenizer(), progress=False, device="cpu")
