@@ -126,10 +126,13 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     if s.batch_size < 1 or s.grad_accum < 1:
         raise GiftError("batch size and grad accumulation must be >= 1")
     device = torch.device(device or next(model.parameters()).device)
-    if s.loss == "kd" and teacher is None:
-        raise GiftError("loss kd needs the float model as teacher")
-    if teacher is not None:  # on CUDA it runs under bf16 autocast anyway: store it in bf16 (half the memory)
+    if s.loss == "kd":
+        if teacher is None:
+            raise GiftError("loss kd needs the float model as teacher")
+        # on CUDA it runs under bf16 autocast anyway: store it in bf16 (half the memory)
         teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else None).eval()
+    else:
+        teacher = None  # ce never reads it: do not move it to the device
     names = trainable(model)
     if not names:
         raise GiftError("nothing to train: no parameter requires grad")
@@ -171,7 +174,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
             lab = ids if labels is None else labels[rows].to(device)
             ctx = acc.no_sync(run_model) if (acc and micro < s.grad_accum - 1) else contextlib.nullcontext()
             with ctx:
-                loss = _loss(run_model, teacher if s.loss == "kd" else None, ids, lab, device) / s.grad_accum
+                loss = _loss(run_model, teacher, ids, lab, device) / s.grad_accum
                 if not torch.isfinite(loss):
                     raise GiftError(f"training diverged at step {step} (loss is {float(loss)}); lower the lr")
                 loss.backward()

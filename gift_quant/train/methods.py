@@ -39,9 +39,8 @@ def unfreeze_norms(model) -> int:
     """Make the normalization weights trainable (norm tweaking): elementwise, so their gradient is free once
     the activations' gradient is computed. Returns how many tensors."""
     n = 0
-    for name, m in model.named_modules():
-        kind = type(m).__name__
-        if kind.endswith("RMSNorm") or isinstance(m, torch.nn.LayerNorm):
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm") or isinstance(m, torch.nn.LayerNorm):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(True)
                 n += 1
