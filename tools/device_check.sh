@@ -22,6 +22,8 @@
 #   offload   peak GPU memory of compressing the 7B shape with the model on CPU (4 layers: the peak is
 #             one layer's)
 #   compile   the 7B-shaped decode under torch.compile (CUDA graphs), FP16 vs gift 4-bit and 2-bit
+#   cublas    cuBLAS alone on the C++ prefill path's exact operands: is its bf16 bound failure the bias
+#             epilogue? (tools/diag_cublas_bound.py, no C++ build)
 #   cuda      the opt-in C++ kernel: JIT build, its GPU tests, and its kernel table beside Triton's
 #   vllm      decode tokens/s through vLLM (only if vllm is importable there)
 set -uo pipefail
@@ -48,7 +50,7 @@ fi
 # (plain strings, split on purpose: the parts run in `bash -c` under `timeout`, and arrays do not export)
 WORK=$(mktemp -d)
 
-ALL=(env kernel tests hostprof e2e compress offload compile cuda vllm)
+ALL=(env kernel tests hostprof e2e compress offload compile cublas cuda vllm)
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=("${ALL[@]}")
 for p in "${PARTS[@]}"; do
@@ -216,6 +218,14 @@ part_cuda() {
       && cat "$WORK/kernel_cuda.md" >>"$REPORT"
 }
 
+part_cublas() {
+  section "cuBLAS on the C++ prefill path's operands (tools/diag_cublas_bound.py)"
+  $PY tools/diag_cublas_bound.py 2>&1 | tee "$WORK/cublas.md" | tail -n 25
+  local rc=${PIPESTATUS[0]}
+  grep '^|\|^device' "$WORK/cublas.md" >>"$REPORT"
+  return "$rc"
+}
+
 part_vllm() {
   section "vLLM"
   if ! $PY -c "import vllm" 2>/dev/null; then note "vllm is not installed on this machine: no vLLM row."; return 0; fi
@@ -223,9 +233,9 @@ part_vllm() {
 }
 
 export ROOT OUT REPORT LOG PY WORK SMOKE DEV KSHAPE E2E SMOL OFFL
-export -f section note part_env part_kernel part_tests part_hostprof part_e2e part_compile part_compress part_offload part_cuda part_vllm
-declare -A EST=([env]=5 [kernel]=60 [tests]=40 [hostprof]=20 [e2e]=60 [compress]=60 [offload]=45 [compile]=120 [cuda]=150 [vllm]=90)
-declare -A LIMIT=([env]=60 [kernel]=180 [tests]=150 [hostprof]=90 [e2e]=200 [compress]=200 [offload]=150 [compile]=240 [cuda]=300 [vllm]=200)
+export -f section note part_env part_kernel part_tests part_hostprof part_e2e part_compile part_compress part_offload part_cublas part_cuda part_vllm
+declare -A EST=([env]=5 [kernel]=60 [tests]=40 [hostprof]=20 [e2e]=60 [compress]=60 [offload]=45 [compile]=120 [cublas]=30 [cuda]=150 [vllm]=90)
+declare -A LIMIT=([env]=60 [kernel]=180 [tests]=150 [hostprof]=90 [e2e]=200 [compress]=200 [offload]=150 [compile]=240 [cublas]=120 [cuda]=300 [vllm]=200)
 for p in "${PARTS[@]}"; do
   run_part "$p" "${EST[$p]}" "${LIMIT[$p]}" "part_$p"
 done

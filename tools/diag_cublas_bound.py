@@ -1,0 +1,63 @@
+"""Is the C++ prefill path's bf16 bound failure cuBLAS's and not the kernel's? (device check part `cublas`)
+
+Both H200 failures of test_cuda_kernel_matches_float64 (bf16, batch 8, i.e. the prefill path: the kernel's
+W^T, then torch.addmm(bias, x, W^T) in cuBLAS) were on layers with a bias; the bias-free layer before them
+passed. Rounding x @ W^T to bf16 before adding the bias emulates to ~1.6x the one-rounding bound (CPU),
+the H200 measured 1.39x. This runs cuBLAS on the kernel's exact operands (emulated W^T, no C++ build) and
+prints max |y - y64| / bound for addmm, for x @ W^T, and for fp32 accumulation with the bias added once.
+
+    python tools/diag_cublas_bound.py          # on a GPU; on CPU it checks itself on 3 layers
+"""
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
+from tests.kernels.cpp_emulation import operands, rounding_bound  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def layers(n):
+    """The GPU test's first n 2-bit layers (same seeds)."""
+    gen = torch.Generator().manual_seed(2)
+    cases = itertools.product([32, 64, 128, -1], [0, 1, 7, 128, 256], [False, True],
+                              [(256, 512), (771, 260), (4096, 1028), (300, 333)])
+    for gs, k, act, (K, N) in itertools.islice(cases, n):
+        seed = int(torch.randint(0, 10**6, (1,), generator=gen))
+        yield MixedPrecisionLinear.random(K, N, 2, gs, min(k, K), bias=bool(seed % 2), act_order=act, seed=seed)
+
+
+def main():
+    m = torch.backends.cuda.matmul
+    n = 40 if DEV == "cuda" else 3
+    print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print("| dtype | cuBLAS 16-bit reductions | variant | layers | max error / bound |\n|---|---|---|---|---|")
+    for dtype, reduced in itertools.product((torch.bfloat16, torch.float16), (False, True)):
+        m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = reduced
+        worst = {}
+        for layer in layers(n):
+            wt = operands(layer, dtype, gemv=False)[0].t().to(dtype).contiguous().to(DEV)
+            b = None if layer.bias is None else layer.bias.to(dtype).to(DEV)
+            for batch in (8, 64):
+                x = torch.randn(batch, layer.in_features).to(dtype)
+                y64, bound = rounding_bound(layer, x, gemv=False)
+                xc = x.to(DEV)
+                if b is None:
+                    v = {"x @ W^T": xc @ wt, "fp32 GEMM, one rounding": (xc.float() @ wt.float()).to(dtype)}
+                else:
+                    v = {"addmm(b, x, W^T)": torch.addmm(b, xc, wt),
+                         "(x @ W^T) + b, two roundings": ((xc @ wt).float() + b.float()).to(dtype),
+                         "fp32 GEMM + b, one rounding": (xc.float() @ wt.float() + b.float()).to(dtype)}
+                for name, y in v.items():
+                    r = ((y.cpu().double() - y64).abs() / bound).max().item()
+                    worst[name] = max(worst.get(name, 0.0), r)
+        for name, r in worst.items():
+            print(f"| {str(dtype)[6:]} | {'allowed' if reduced else 'off'} | {name} | {n} | {r:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
