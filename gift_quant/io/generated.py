@@ -12,7 +12,6 @@ a later run that needs more text extends the cache instead of starting again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
 from gift_quant.io.data import cache_dir
+from gift_quant.io.model_io import model_key
 
 VERSION = 1  # bump when TOPICS, STYLES or the sampling below change: the cache key includes it
 TOPICS = (
@@ -45,19 +45,6 @@ STYLES = (
     "Write a short story about {}.",
     "Write a magazine article about {}.",
 )
-
-
-def model_key(model) -> str:
-    """Architecture plus a sample of the weights: two models share a cache only if they write alike."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
-                                                     "quantization_config")}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    params = list(model.parameters())
-    for p in params[:2] + params[-2:]:
-        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())  # slice first: no full copy
-    return h.hexdigest()[:16]
 
 
 def _prompts(tokenizer, start: int, n: int, gen: torch.Generator) -> list[list[int]]:

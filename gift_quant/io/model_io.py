@@ -2,7 +2,9 @@
 hub name."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -62,3 +64,21 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remo
         m.is_quantized = False if hasattr(m, "is_quantized") else None
     m.eval()
     return m, tok
+
+
+def architecture_json(model) -> str:
+    """The model's config as canonical JSON, without what names, dates or quantizes it: the part of a model's
+    identity that cache keys and resume fingerprints share."""
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                                                     "quantization_config")}
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def model_key(model) -> str:
+    """Architecture plus a sample of the weights: two models share a cache only if they write alike."""
+    h = hashlib.sha256(architecture_json(model).encode())
+    params = list(model.parameters())
+    for p in params[:2] + params[-2:]:
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())  # slice first: no full copy
+    return h.hexdigest()[:16]

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from gift_quant.compress.selection import select_fp
+from gift_quant.errors import GiftError
 from gift_quant.eval.perplexity import perplexity
 from gift_quant.io.export import STORAGE_DTYPE, round_to_storage, save_checkpoint
 from gift_quant.nn import GiftLinear, MixedPrecisionLinear
@@ -54,6 +55,9 @@ class Method:
 
     name = "?"
     trains = True
+
+    def check(self, recipe):
+        """Refuse, before any long work, a combination of settings this method cannot use."""
 
     def prepare(self, run):
         self.compress(run)
@@ -117,6 +121,11 @@ class Post(Method):
 class Pre(Method):
     """GIFT-SW pre: select on the float model, train those columns with noise on the float base, then
     compress with the trained columns kept FP16 (they receive GPTQ's error compensation)."""
+
+    def check(self, recipe):
+        if recipe.train.loss == "kd" and recipe.train.noise == "none":
+            raise GiftError("loss kd with recipe pre and noise none has nothing to learn: before GPTQ the model "
+                            "equals its float teacher; use recipe post, or noise")
 
     def prepare(self, run):
         from gift_quant.compress.layers import decoder_layers

@@ -17,7 +17,6 @@ import torch
 
 from gift_quant.compress.layers import check_fits
 from gift_quant.compress.report import CompressReport, summary
-from gift_quant.errors import GiftError
 from gift_quant.eval.perplexity import perplexity
 from gift_quant.io.atomic import write_json
 from gift_quant.train.dist import dist_rank
@@ -94,9 +93,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     method = METHODS[r.method]
     r = dataclasses.replace(r, config=copy.deepcopy(r.config), train=dataclasses.replace(r.train, progress=progress))
     cfg = r.config
-    if r.method == "pre" and r.train.loss == "kd" and r.train.noise == "none":
-        raise GiftError("loss kd with recipe pre and noise none has nothing to learn: before GPTQ the model "
-                        "equals its float teacher; use recipe post, or noise")
+    method.check(r)
     check_fits(model, cfg, r.train.train_seq_len if method.trains else None)
     torch.manual_seed(cfg.seed)
     t0 = time.time()

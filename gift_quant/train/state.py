@@ -12,18 +12,16 @@ import torch
 
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import save_tensors, write_json
+from gift_quant.io.model_io import architecture_json
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 
 
 def fingerprint(model, recipe: dict) -> str:
-    """Hash of the model architecture, a sample of its frozen weights, and the training recipe."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "_name_or_path", "transformers_version",
-                                                     "dtype", "torch_dtype")}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    """Hash of the model architecture, a sample of its input embedding (frozen in every recipe, unlike the
+    Linears that ``pre`` trains before its compressed stage is fingerprinted) and the recipe."""
+    h = hashlib.sha256(architecture_json(model).encode())
     h.update(json.dumps(recipe, sort_keys=True, default=str).encode())
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
