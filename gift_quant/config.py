@@ -87,9 +87,6 @@ class GiftConfig(QuantizationConfigMixin):
     true_sequential: bool = setting(False, "quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                                            "quantized stages before it (as GPTQModel; slower)",
                                     flag="--true-sequential")
-    salient_refit: float = setting(0.0, "after GPTQ, refit the FP16 columns by least squares towards the float "
-                                        "model's outputs: the float target's weight against GPTQ's own (0: off)",
-                                   types=(float, int), lo=0, hi=1, flag="--salient-refit")
     recipe: str = setting("none", "the recipe that produced the checkpoint (recorded, not read)", recipe=False)
     modules_not_converted: list = setting(list(DEFAULT_NOT_CONVERTED), "module names (or prefixes, or suffixes "
                                                                        "after a dot) kept in float")

@@ -45,17 +45,13 @@ from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
-METHODS = ("fp", "none", "none-refit", "none-refit50", "none-refitq", "post", "post-refit", "post-noise", "post-kd", "post-norms", "post-kd-norms", "pre", "pre-nonoise", "ste",
+METHODS = ("fp", "none", "post", "post-noise", "post-kd", "post-norms", "post-kd-norms", "pre", "pre-nonoise", "ste",
            "lora")
 # method -> (recipe, forced settings)
 VARIANTS = {"post": ("post", {"noise": "none"}), "post-noise": ("post", {"noise": "gaussian"}),
             "post-kd": ("post", {"noise": "none", "loss": "kd"}),
             "post-norms": ("post", {"noise": "none", "train_norms": True}),
             "post-kd-norms": ("post", {"noise": "none", "loss": "kd", "train_norms": True}),
-            "none-refit": ("none", {"salient_refit": 1.0}),  # the float model's outputs as the target
-            "none-refit50": ("none", {"salient_refit": 0.5}),
-            "none-refitq": ("none", {"salient_refit": 1e-9}),  # GPTQ's target on the inputs after quantization
-            "post-refit": ("post", {"noise": "none", "salient_refit": 1.0}),
             "pre": ("pre", {"noise": "gaussian"}), "pre-nonoise": ("pre", {"noise": "none"})}
 _STAGE_FILES = ("compressed.json", "compressed.safetensors", "saliency.safetensors")
 
@@ -154,15 +150,12 @@ def main(argv=None):
                 stage.mkdir(parents=True, exist_ok=True)
             else:
                 stage = Path(tempfile.mkdtemp(prefix=f"bench-b{bits}-s{seed}-"))
-            stage0 = stage
             try:
                 for m in [m for m in methods if m != "fp"]:
                     recipe, forced = VARIANTS.get(m, (m, {}))
                     ov = {"bits": bits, "seed": seed, **budget_overrides(a), **forced}
                     r = load_recipe(recipe, ov, device=str(device))
                     work = Path(tempfile.mkdtemp(prefix=f"bench-{m}-"))
-                    stage = stage0 / f"refit{forced['salient_refit']:g}" if forced.get("salient_refit") else stage0  # another compressed stage
-                    stage.mkdir(parents=True, exist_ok=True)
                     if recipe != "pre":
                         for f in _STAGE_FILES:
                             if (stage / f).exists():
@@ -193,7 +186,7 @@ def main(argv=None):
                     del s, res
             finally:
                 if not a.stage_dir:
-                    shutil.rmtree(stage0, ignore_errors=True)
+                    shutil.rmtree(stage, ignore_errors=True)
     dump()
     if not a.no_write:
         write_section(a, results, budget_line(a, seeds, evs), time.time() - t_start)

@@ -6,7 +6,6 @@ ends here. The model stays on CPU; one decoder layer at a time moves to the comp
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Callable
 
@@ -16,7 +15,6 @@ from tqdm.auto import tqdm
 from gift_quant.compress import experts as moe
 from gift_quant.compress.layers import (activation_device, capture_inputs, collect_stats, decoder_layers, linears,
                                         run_layer, stages, stat_passes, to_device)
-from gift_quant.compress.refit import refit_layer
 from gift_quant.compress.report import CompressReport, ModuleReport, account
 from gift_quant.compress.selection import salient_columns
 from gift_quant.compress.state import LayerState
@@ -111,7 +109,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
     batches = capture_inputs(model, samples, batch_size, model_device)
     act_dev = activation_device(samples, getattr(model.config, "hidden_size", 4096), device)
     batches = [(h.to(act_dev), to_device(kw, act_dev)) for h, kw in batches]
-    fp_batches = batches if config.salient_refit else None  # the float model's inputs (refit.py)
     counts = dict(config.salient_counts)
     bar = tqdm(range(len(layers)), desc=f"{config.method} {config.bits}-bit", unit="layer", disable=not progress)
     state = LayerState(state_dir, config, samples, model) if state_dir is not None else None
@@ -119,7 +116,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
         state.open(resume)
     for li in bar:
         layer = layers[li].to(device)
-        fp_layer = copy.deepcopy(layer) if config.salient_refit else None
         lins = linears(layer, config, f"{prefix}.{li}")
         packed = {}
         if state is not None and state.has(li):
@@ -159,11 +155,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
                 report.expert_fallbacks[f"{prefix}.{li}.{n}"] = tokens  # MoE hook: pooled-statistics fallback
             for n in group:
                 quantize(n, stats[n])
-        if fp_layer is not None:  # also on a resumed layer: the float stream moves on
-            fp_outs = refit_layer(layer, fp_layer, lins, packed, batches, fp_batches, config.damp_percent,
-                                  config.salient_refit)
-            fp_batches = [(o, kw) for o, (_, kw) in zip(fp_outs, fp_batches)]
-            del fp_layer
         if state is not None and lins:
             state.save(li, packed, report.modules[-len(lins):])
         outs = run_layer(layer, batches)
