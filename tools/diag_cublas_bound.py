@@ -15,20 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
-from tests.kernels.cpp_emulation import operands, rounding_bound  # noqa: E402
+from tests.kernels.cpp_emulation import gpu_test_layers, operands, rounding_bound  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def layers(n):
-    """The GPU test's first n 2-bit layers (same seeds)."""
-    gen = torch.Generator().manual_seed(2)
-    cases = itertools.product([32, 64, 128, -1], [0, 1, 7, 128, 256], [False, True],
-                              [(256, 512), (771, 260), (4096, 1028), (300, 333)])
-    for gs, k, act, (K, N) in itertools.islice(cases, n):
-        seed = int(torch.randint(0, 10**6, (1,), generator=gen))
-        yield MixedPrecisionLinear.random(K, N, 2, gs, min(k, K), bias=bool(seed % 2), act_order=act, seed=seed)
 
 
 def main():
@@ -39,7 +28,7 @@ def main():
     for dtype, reduced in itertools.product((torch.bfloat16, torch.float16), (False, True)):
         m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = reduced
         worst = {}
-        for layer in layers(n):
+        for _, layer in itertools.islice(gpu_test_layers(2), n):  # the GPU test's first 2-bit layers
             wt = operands(layer, dtype, gemv=False)[0].t().to(dtype).contiguous().to(DEV)
             b = None if layer.bias is None else layer.bias.to(dtype).to(DEV)
             for batch in (8, 64):

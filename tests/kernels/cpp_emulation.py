@@ -7,9 +7,12 @@ change that loses precision (16-bit partial sums, a 16-bit reduction in cuBLAS) 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from gift_quant.core.packing import unpack
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
 SMS = 132  # H100/H200: sets the gemv split-K, i.e. only the order of the fp32 additions
 
@@ -21,6 +24,19 @@ def _ceil(a: int, b: int) -> int:
 def _fma(a, b, c):
     """fmaf: fp32 operands, one rounding (the float64 product of two fp32 numbers is exact)."""
     return (a.double() * b.double() + c.double()).float()
+
+
+def gpu_test_layers(bits: int):
+    """The layers of the GPU accuracy test (test_cuda_kernel_matches_float64), in its order and with its
+    seeds, as ``(where, layer)``: tools/diag_cublas_bound.py replays the same ones."""
+    gen = torch.Generator().manual_seed(bits)
+    cases = itertools.product([32, 64, 128, -1], [0, 1, 7, 128, 256], [False, True],
+                              [(256, 512), (771, 260), (4096, 1028), (300, 333)])
+    for gs, k, act, (K, N) in cases:
+        k = min(k, K)
+        seed = int(torch.randint(0, 10**6, (1,), generator=gen))
+        layer = MixedPrecisionLinear.random(K, N, bits, gs, k, bias=bool(seed % 2), act_order=act, seed=seed)
+        yield f"bits={bits} gs={gs} k={k} act={act} K={K} N={N}", layer
 
 
 def operands(layer, dtype, gemv: bool):

@@ -13,7 +13,12 @@ from gift_quant.kernels import build, ops
 from gift_quant.kernels.prepare import prepare, prepared_forward
 from gift_quant.nn import dispatch
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear
-from tests.kernels.cpp_emulation import emulate_gemv, emulate_prefill, rounding_bound
+from tests.kernels.cpp_emulation import (
+    emulate_gemv,
+    emulate_prefill,
+    gpu_test_layers,
+    rounding_bound,
+)
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -206,22 +211,16 @@ def test_cuda_kernel_matches_float64(bits, dtype, monkeypatch, exact_cublas_redu
     """Within one rounding of the kernel's operands (the bound of tests/kernels/cpp_emulation.py) and TOL
     of float64. cuBLAS reduces in fp32 here (see exact_cublas_reductions)."""
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "cuda")
-    gen = torch.Generator().manual_seed(bits)
-    cases = itertools.product([32, 64, 128, -1], [0, 1, 7, 128, 256], [False, True], [(256, 512), (771, 260),
-                                                                                      (4096, 1028), (300, 333)])
-    for gs, k, act, (K, N) in cases:
-        k = min(k, K)
-        seed = int(torch.randint(0, 10**6, (1,), generator=gen))
-        layer = MixedPrecisionLinear.random(K, N, bits, gs, k, bias=bool(seed % 2), act_order=act,
-                                            seed=seed).cuda()
+    for case, layer in gpu_test_layers(bits):
+        layer, N = layer.cuda(), layer.out_features
         assert cuda_args(layer, dtype) is not None
         for batch in (1, 3, 8, 64):
-            x = torch.randn(batch, K, device="cuda").to(dtype)
+            x = torch.randn(batch, layer.in_features, device="cuda").to(dtype)
             ref = reference64(layer, x)
             _poison()
             y = layer(x)
             assert y.dtype == dtype and y.shape == (batch, N)
-            where = f"bits={bits} gs={gs} k={k} act={act} K={K} N={N} batch={batch}"
+            where = f"{case} batch={batch}"
             over = within_bound(y, layer, x, gemv=batch <= dispatch.GEMV_MAX_TOKENS and N % 4 == 0)
             assert over <= 1, f"{where}: {over:.2f} x the rounding bound"
             err = rel_err(y, ref)
