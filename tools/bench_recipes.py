@@ -45,13 +45,17 @@ from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.train import load_recipe, run_recipe  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
-METHODS = ("fp", "none", "post", "post-noise", "post-kd", "post-norms", "post-kd-norms", "pre", "pre-nonoise", "ste",
+METHODS = ("fp", "none", "post", "post-noise", "post-kd", "post-norms", "post-kd-norms", "post-scales",
+           "post-kd-norms-scales", "pre", "pre-nonoise", "ste",
            "lora")
 # method -> (recipe, forced settings)
 VARIANTS = {"post": ("post", {"noise": "none"}), "post-noise": ("post", {"noise": "gaussian"}),
             "post-kd": ("post", {"noise": "none", "loss": "kd"}),
             "post-norms": ("post", {"noise": "none", "train_norms": True}),
             "post-kd-norms": ("post", {"noise": "none", "loss": "kd", "train_norms": True}),
+            "post-scales": ("post", {"noise": "none", "train_scales": True}),
+            "post-kd-norms-scales": ("post", {"noise": "none", "loss": "kd", "train_norms": True,
+                                              "train_scales": True}),
             "pre": ("pre", {"noise": "gaussian"}), "pre-nonoise": ("pre", {"noise": "none"})}
 _STAGE_FILES = ("compressed.json", "compressed.safetensors", "saliency.safetensors")
 
@@ -65,7 +69,7 @@ def machine() -> str:
 def budget_overrides(a) -> dict:
     """The one training budget every method gets (explicit, so no cpu/gpu recipe section differs)."""
     return {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": 1, "train_seq_len": a.train_seq_len,
-            "lr": a.lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
+            "lr": a.lr, "scale_lr": a.scale_lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
             "seq_len": 512, "dataset": a.calib_dataset, "max_train_tokens": a.max_train_tokens, "eval_every": 0,
             "patience": 0,
             "save_every": 0, "train_dataset": a.train_dataset, "weight_decay": 0.0, "method": a.quant_method}
@@ -88,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train-seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--scale-lr", type=float, default=None, help="lr of the group-scale factors (*-scales methods)")
     ap.add_argument("--max-train-tokens", type=int, default=400_000, help="tokens of training text tokenized")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-dataset", default="bundled", help="calibration text, e.g. bundled, generated, "

@@ -11,7 +11,10 @@
   sampled per call from a seed drawn from torch's global RNG. The backward pass
   regenerates the same noise from that seed instead of keeping a perturbed copy of the weight.
 - A custom autograd Function computes grad(salient_weight) = grad_out^T @ x[..., idx] and
-  grad(x) = grad_out @ (base + noise) (+ the salient part): a dense weight gradient is never formed.
+  grad(x) = grad_out @ (base + noise) (+ the salient part): a dense weight gradient is never formed,
+  except for the opt-in ``scale_mult`` [out, G] (post, ``train_scales``): the stored scale of every group
+  is multiplied by it, so the codes stay frozen while the quantization grid trains. Its gradient needs the
+  dense grad_out^T @ x once per call (about one more forward's worth of matmul).
 - In eval mode there is no noise: the output is deterministic.
 """
 from __future__ import annotations
@@ -31,10 +34,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _weight(base, idx, delta, g_idx, kind, seed, dtype):
-    if seed is None:
+def _weight(base, idx, delta, g_idx, kind, seed, dtype, mult=None):
+    if mult is not None:
+        w = base.to(dtype) * mult.to(dtype)[:, g_idx]  # scaled codes; salient slots of base are 0
+    elif seed is None:
         return base.to(dtype)  # no noise: the buffer itself (no copy when the dtype matches)
-    w = base.to(dtype, copy=True)
+    else:
+        w = base.to(dtype, copy=True)
+    if seed is None:
+        return w
     w.add_(qni.sample(w.shape, delta, g_idx, kind, seed, w.device, dtype))
     if idx.numel():
         w[:, idx] = 0
@@ -43,28 +51,29 @@ def _weight(base, idx, delta, g_idx, kind, seed, dtype):
 
 class _GiftLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, salient_weight, base, idx, delta, g_idx, bias, kind, seed):
+    def forward(ctx, x, salient_weight, base, idx, delta, g_idx, bias, kind, seed, mult):
         dt = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dt)
-            w = _weight(base, idx, delta, g_idx, kind, seed, dt)
+            w = _weight(base, idx, delta, g_idx, kind, seed, dt, mult)
             y = F.linear(xc, w, None if bias is None else bias.to(dt))
             del w
             x_sal = xc[..., idx]
             if idx.numel():
                 y = y + F.linear(x_sal, salient_weight.to(dt))
-        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta, g_idx)
+        train_mult = mult is not None and ctx.needs_input_grad[9]
+        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta, g_idx, mult, x if train_mult else None)
         ctx.kind, ctx.seed, ctx.dt, ctx.x_dtype = kind, seed, dt, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x_sal, salient_weight, base, idx, delta, g_idx = ctx.saved_tensors
+        x_sal, salient_weight, base, idx, delta, g_idx, mult, x = ctx.saved_tensors
         dt = ctx.dt
         gy = gy.to(dt)
-        gx = gs = None
+        gx = gs = gm = None
         if ctx.needs_input_grad[0]:
-            w = _weight(base, idx, delta, g_idx, ctx.kind, ctx.seed, dt)
+            w = _weight(base, idx, delta, g_idx, ctx.kind, ctx.seed, dt, mult)
             gx = gy @ w
             del w
             if idx.numel():
@@ -73,7 +82,13 @@ class _GiftLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             out, k = salient_weight.shape
             gs = gy.reshape(-1, out).t().to(salient_weight.dtype) @ x_sal.reshape(-1, k).to(salient_weight.dtype)
-        return gx, gs, None, None, None, None, None, None, None
+        if mult is not None and ctx.needs_input_grad[9]:
+            # d w[r, j] / d mult[r, g(j)] = base[r, j]: sum grad_W * base over each group's columns
+            out, inf = base.shape
+            acc = torch.promote_types(dt, torch.float32)  # fp32 at least: sums over every token
+            gw = gy.reshape(-1, out).t().to(acc) @ x.reshape(-1, inf).to(acc)
+            gm = torch.zeros_like(mult, dtype=acc).index_add_(1, g_idx, gw.mul_(base.to(acc))).to(mult.dtype)
+        return gx, gs, None, None, None, None, None, None, None, gm
 
 
 class GiftLinear(nn.Module):
@@ -110,6 +125,7 @@ class GiftLinear(nn.Module):
         self.register_buffer("g_idx", g_idx.detach().long().to(base.device))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
+        self.scale_mult = None  # post + train_scales: [out, G] factor on each group's stored scale
         self._packed = None  # the MixedPrecisionLinear a post module writes back into (not a submodule)
 
     # ---- conversions ---------------------------------------------------------------------------
@@ -124,13 +140,17 @@ class GiftLinear(nn.Module):
                    group_size=group_size, sym=sym, clip_search=clip_search)
 
     @classmethod
-    def from_mixed(cls, mpl, noise: str = "none", noise_bits: int | None = None) -> "GiftLinear":
+    def from_mixed(cls, mpl, noise: str = "none", noise_bits: int | None = None,
+                   train_scales: bool = False) -> "GiftLinear":
         """``post``: the frozen dequantized codes of ``mpl`` (salient slots are 0 by construction).
-        Delta per group is the stored scale, so sigma = scale / 2: the real step of the codes."""
+        Delta per group is the stored scale, so sigma = scale / 2: the real step of the codes.
+        ``train_scales``: each group's scale trains too, as a factor (init 1) on the stored one."""
         base = mpl.dequantize_base(torch.float32)
         delta, g_idx = qni.stored_step(mpl.scales, mpl.g_idx, mpl.bits, noise_bits)
         m = cls(base, mpl.salient_idx.long(), mpl.salient_weight.detach(), mpl.bias, mpl.bits, noise,
                 noise_bits, mode="post", delta=delta, g_idx=g_idx)
+        if train_scales:
+            m.scale_mult = nn.Parameter(torch.ones(m.out_features, mpl.scales.shape[0], device=base.device))
         m._packed = mpl
         return m
 
@@ -154,6 +174,9 @@ class GiftLinear(nn.Module):
         mpl = self._packed
         with torch.no_grad():
             mpl.salient_weight.data.copy_(self.salient_weight.detach().to(mpl.salient_weight.dtype).cpu())
+            if self.scale_mult is not None:
+                s = mpl.scales.float() * self.scale_mult.detach().t().float().to(mpl.scales.device)
+                mpl.scales.data.copy_(s.to(mpl.scales.dtype))
         return mpl
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -162,7 +185,7 @@ class GiftLinear(nn.Module):
         if self.training and self.noise != "none":
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # global RNG: seeded per step by the trainer
         return _GiftLinearFn.apply(x, self.salient_weight, self.base, self.salient_idx, self.delta, self.g_idx,
-                                   self.bias, self.noise, seed)
+                                   self.bias, self.noise, seed, self.scale_mult)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.salient_idx.numel()}, "

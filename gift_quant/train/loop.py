@@ -142,7 +142,11 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     main = rank == 0
     if acc and device.type == acc.device.type:
         device = acc.device  # this rank's own GPU (cuda:LOCAL_RANK), not cuda:0 for every rank
-    opt = torch.optim.AdamW([p for _, p in names], lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999))
+    scale_params = [p for n_, p in names if n_.endswith("scale_mult")]  # relative factors: their own lr
+    groups = [{"params": [p for n_, p in names if not n_.endswith("scale_mult")]}]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": s.scale_lr or s.lr})
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999))
     run_model = ddp(acc, model.to(device)) if acc else model
     work_dir = Path(work_dir) if work_dir else None
 

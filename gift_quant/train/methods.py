@@ -55,9 +55,13 @@ class Method:
 
     name = "?"
     trains = True
+    trains_scales = False  # post alone has group scales to train (pre's come from GPTQ after training)
 
     def check(self, recipe):
         """Refuse, before any long work, a combination of settings this method cannot use."""
+        if recipe.train.train_scales and not self.trains_scales:
+            raise GiftError(f"train_scales needs recipe post (recipe {self.name} has no frozen codes with scales "
+                            "to train)")
 
     def prepare(self, run):
         self.compress(run)
@@ -105,12 +109,14 @@ class Post(Method):
     """GIFT-SW post: compress, then train the FP16 columns on the frozen codes (no noise by default, as the
     method's public code; opt-in noise has sigma = half each group's stored scale), write them back."""
 
+    trains_scales = True
+
     def prepare(self, run):
         self.compress(run)
         run.model.to(run.device)
         s = run.recipe.train
-        swap_modules(run.model, lambda n, m: GiftLinear.from_mixed(m, s.noise, s.noise_bits).to(run.device),
-                     (MixedPrecisionLinear,))
+        swap_modules(run.model, lambda n, m: GiftLinear.from_mixed(m, s.noise, s.noise_bits, s.train_scales)
+                     .to(run.device), (MixedPrecisionLinear,))
 
     def finalize(self, run):
         swap_modules(run.model, lambda n, m: m.to_mixed(), (GiftLinear,))
@@ -123,6 +129,7 @@ class Pre(Method):
     compress with the trained columns kept FP16 (they receive GPTQ's error compensation)."""
 
     def check(self, recipe):
+        super().check(recipe)
         if recipe.train.loss == "kd" and recipe.train.noise == "none":
             raise GiftError("loss kd with recipe pre and noise none has nothing to learn: before GPTQ the model "
                             "equals its float teacher; use recipe post, or noise")

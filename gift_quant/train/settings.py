@@ -34,6 +34,11 @@ class TrainSettings:
                               "of the model while training)", choices=("ce", "kd"), flag="--loss")
     train_norms: bool = setting(False, "also train the decoder's normalization weights (about 1% more trainable "
                                        "parameters; saved in the same checkpoint)", flag="--train-norms")
+    train_scales: bool = setting(False, "post: also train each quantization group's scale (a factor on the stored "
+                                        "fp16 scale; the codes stay frozen, the checkpoint format is unchanged)",
+                                 flag="--train-scales")
+    scale_lr: float = setting(None, "AdamW learning rate of the scale factors (null: lr)", types=(float,), lo=0,
+                              lo_open=True, nullable=True, flag="--scale-lr")
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")
     noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,),

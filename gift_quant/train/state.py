@@ -31,20 +31,18 @@ def fingerprint(model, recipe: dict) -> str:
 
 def _opt_tensors(opt, names) -> dict:
     out = {}
-    for i, (n, _) in enumerate(names):
-        st = opt.state.get(opt.param_groups[0]["params"][i], {})
+    for n, p in names:  # state is keyed by the parameter itself, whatever its param group
+        st = opt.state.get(p, {})
         for k, v in st.items():
             out[f"opt.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     return out
 
 
 def _load_opt(opt, names, tensors):
-    params = opt.param_groups[0]["params"]
-    for i, (n, _) in enumerate(names):
+    for n, p in names:
         st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.") and
               k[len(f"opt.{n}."):].count(".") == 0}
         if st:
-            p = params[i]
             opt.state[p] = {k: (v.to(p.device) if k != "step" else v.to(torch.float32)) for k, v in st.items()}
 
 

@@ -199,3 +199,34 @@ def test_kd_on_pre_without_noise_is_a_one_line_error(tmp_path, tiny_model_dir):
     r = _recipe(tmp_path, "pre", noise="none", loss="kd")
     with pytest.raises(GiftError, match="nothing to learn"):
         run_recipe(r, model, char_tokenizer(), progress=False, device="cpu")
+
+
+def test_train_scales_trains_and_saves_the_group_scales(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from gift_quant import load_checkpoint
+    from gift_quant.nn import MixedPrecisionLinear
+    r0 = _recipe(tmp_path, "post", noise="none", lr=1e-2)
+    r1 = _recipe(tmp_path, "post", noise="none", lr=1e-2, train_scales=True, scale_lr=1e-2)
+    a = run_recipe(r0, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), char_tokenizer(),
+                   work_dir=tmp_path / "w0", progress=False, device="cpu")
+    b = run_recipe(r1, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), char_tokenizer(),
+                   out_dir=tmp_path / "out", work_dir=tmp_path / "w1", progress=False, device="cpu")
+    mods = lambda m: {n: x for n, x in m.named_modules() if isinstance(x, MixedPrecisionLinear)}  # noqa: E731
+    ma, mb = mods(a.model), mods(b.model)
+    n_scales = sum(m.scales.numel() for m in ma.values())
+    assert b.summary["trainable_params"] == a.summary["trainable_params"] + n_scales
+    moved = [not torch.equal(ma[n].scales, mb[n].scales) for n in ma]  # same codes, trained scales
+    assert all(moved) and all(torch.equal(ma[n].qweight, mb[n].qweight) for n in ma)
+    loaded, _ = load_checkpoint(tmp_path / "out")
+    ids = torch.randint(0, 90, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, b.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pre", "ste", "lora", "none"])
+def test_train_scales_outside_post_is_a_one_line_error(tmp_path, tiny_model_dir, method):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    r = _recipe(tmp_path, method, noise="none", train_scales=True)
+    with pytest.raises(GiftError, match="train_scales needs recipe post"):
+        run_recipe(r, model, char_tokenizer(), progress=False, device="cpu")
