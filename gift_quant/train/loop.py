@@ -3,7 +3,7 @@
 - Causal-LM loss on packed windows; for chat data the labels of non-assistant tokens are -100.
   ``loss: kd`` replaces the text's next token by the float teacher's next-token distribution (KL to the
   teacher on the same positions): the columns then recover the float model rather than fit the training
-  text's domain. The held-out loss stays cross-entropy.
+  text's domain. The held-out loss is the one that trains (KL to the teacher with kd).
 - AdamW (paper defaults: lr 1e-4, weight decay 0), warmup over ``warmup_ratio`` of the steps, then
   linear decay to 0 (the method's schedule; ``cosine`` or ``constant`` on request), from transformers'
   ``get_scheduler``; gradient accumulation, bf16 autocast on CUDA, fp32 on CPU.
@@ -72,17 +72,16 @@ def batch_rows(step: int, micro: int, n: int, s: TrainSettings, rank: int = 0, w
 
 
 @torch.no_grad()
-def val_loss(model, val: torch.Tensor, labels: torch.Tensor | None, batch_size: int, device) -> float:
+def val_loss(model, val: torch.Tensor, labels: torch.Tensor | None, batch_size: int, device, teacher=None) -> float:
+    """Held-out loss per scored token: the objective that trains (cross-entropy, or KL to ``teacher``)."""
     was = model.training
     model.eval()
     tot, cnt = 0.0, 0
     for i in range(0, val.shape[0], batch_size):
         ids = val[i:i + batch_size].to(device)
         lab = ids if labels is None else labels[i:i + batch_size].to(device)
-        with _autocast(device):
-            out = model(input_ids=ids, labels=lab, use_cache=False)
         n = int((lab[:, 1:] != -100).sum())
-        tot += float(out.loss) * n
+        tot += float(_loss(model, teacher, ids, lab, device)) * n
         cnt += n
     model.train(was)
     return tot / max(cnt, 1)
@@ -195,7 +194,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
         if s.progress:
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if val is not None and s.eval_every and (done % s.eval_every == 0 or done == s.steps):
-            vl = val_loss(run_model, val, val_labels, s.batch_size, device)
+            vl = val_loss(run_model, val, val_labels, s.batch_size, device, teacher)
             rep.val_losses.append((done, vl))
             if log:
                 log(f"step {done}: train loss {loss_sum:.4f}, held-out loss {vl:.4f}")
