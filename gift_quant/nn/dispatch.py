@@ -32,6 +32,22 @@ _CACHE_ATTR = "_gift_kernel_cache"
 
 _warned: set = set()
 _checked: dict = {}
+_resolved: dict = {}  # (backend arg, env, device, dtype, bits) -> backend that runs (successes only)
+
+
+def _env_reader(name: str):
+    """A per-call read of one environment variable, as raw as possible: ``os.environ.get`` costs ~2 us
+    (it encodes the key and decodes the value), a tenth of a decode call's host time. The raw value
+    (bytes on POSIX) serves as a cache key; :func:`os.environ.get` decodes it when needed."""
+    data, enc = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and enc is not None:
+        key = enc(name)
+        return lambda: data.get(key)
+    return lambda: os.environ.get(name)
+
+
+_kernel_env, _interp_env, _torch_cache_env = (_env_reader(n) for n in
+                                              ("GIFT_QUANT_KERNEL", "TRITON_INTERPRET", "GIFT_QUANT_TORCH_CACHE"))
 
 
 def requested_backend() -> str:
@@ -47,7 +63,8 @@ def requested_backend() -> str:
 def torch_cache_enabled() -> bool:
     """``GIFT_QUANT_TORCH_CACHE=1``: the PyTorch path keeps each layer's dequantized base (dense memory,
     dense speed); off by default, so a compressed model stays compressed in memory."""
-    return os.environ.get("GIFT_QUANT_TORCH_CACHE", "0").strip() not in ("", "0", "false", "no")
+    raw = _torch_cache_env()
+    return raw is not None and os.environ.get("GIFT_QUANT_TORCH_CACHE", "0").strip() not in ("", "0", "false", "no")
 
 
 def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
@@ -88,11 +105,17 @@ def _tensors(layer, names) -> list:
     return [b[n] if n in b else p[n] if n in p else getattr(layer, n) for n in names]
 
 
-def _key(layer, backend: str, dtype: torch.dtype):
-    ts = _tensors(layer, _BASE if backend == "torch" else _KERNEL)
-    # identity and data_ptr catch buffers replaced by assignment; _version catches in-place writes
-    return (backend, dtype, ts[0].device,
-            tuple((id(t), t.data_ptr(), t._version, t.shape) if t is not None else None for t in ts))
+def _key(layer, backend: str, dtype: torch.dtype) -> list:
+    """What the cached layout was built from: identity and data_ptr catch tensors replaced by assignment
+    (``.data =``, ``.to()``), ``_version`` catches in-place writes (training, ``load_state_dict``).
+    A flat list, ~2x cheaper than per-tensor tuples (it runs on every eager call)."""
+    key = []
+    for t in _tensors(layer, _BASE if backend == "torch" else _KERNEL):
+        if t is None:
+            key.append(None)
+        else:
+            key += (id(t), t.data_ptr(), t._version)
+    return key
 
 
 def _cache(layer) -> dict:
@@ -209,6 +232,17 @@ def _warn_once(reason: str):
 def resolve(x: torch.Tensor, layer, backend: str | None = None) -> str:
     """The backend that will run x through layer: 'triton', 'cuda' or 'torch' (raises for a named backend
     that cannot run)."""
+    memo = (backend, _kernel_env(), _interp_env(), x.device, x.dtype, layer.bits)
+    hit = _resolved.get(memo)
+    if hit is not None:
+        return hit
+    name = _resolve(x, layer, backend)
+    if not torch.compiler.is_compiling():
+        _resolved[memo] = name
+    return name
+
+
+def _resolve(x: torch.Tensor, layer, backend: str | None) -> str:
     name = backend or requested_backend()
     if name == "torch":
         return "torch"
@@ -275,3 +309,4 @@ def reset():
     """Forget self-check results and warnings (tests)."""
     _checked.clear()
     _warned.clear()
+    _resolved.clear()

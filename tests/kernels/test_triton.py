@@ -182,8 +182,10 @@ def test_named_backend_errors_never_fall_back(monkeypatch):
         layer(x)
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
     monkeypatch.setattr(dispatch, "triton_unavailable", lambda x: "triton is not importable (test)")
+    dispatch.reset()  # the backend choice is memoized per (env, device, dtype, bits); the fake changes it
     with pytest.raises(RuntimeError, match="GIFT_QUANT_KERNEL=triton: triton is not importable"):
         layer(x)
+    dispatch.reset()
 
 
 def test_auto_falls_back_with_one_warning_naming_the_reason(monkeypatch, recwarn):
@@ -231,3 +233,19 @@ def test_triton_reduce_overhead_cuda_graphs(monkeypatch):
         x = torch.randn(t, 1024, device="cuda", dtype=torch.float16)
         with torch.no_grad():
             torch.testing.assert_close(f(x).clone(), layer(x), rtol=3e-3, atol=3e-3)
+
+
+def test_backend_choice_is_memoized_but_follows_the_environment(monkeypatch):
+    layer = MixedPrecisionLinear.random(64, 16, 4, 32, 2, seed=2)
+    x = torch.randn(1, 64)
+    dispatch.reset()
+    monkeypatch.setenv("GIFT_QUANT_KERNEL", "torch")
+    assert dispatch.resolve(x, layer) == "torch" == dispatch.resolve(x, layer)
+    monkeypatch.setenv("GIFT_QUANT_KERNEL", "cuda")
+    for _ in range(2):  # an error is never memoized
+        with pytest.raises(RuntimeError, match="GIFT_QUANT_KERNEL=cuda: input on cpu"):
+            dispatch.resolve(x, layer)
+    monkeypatch.setenv("GIFT_QUANT_KERNEL", "off")
+    assert dispatch.resolve(x, layer) == "torch"
+    assert dispatch.resolve(x, layer, "torch") == "torch"
+    dispatch.reset()
