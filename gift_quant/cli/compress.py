@@ -49,10 +49,11 @@ def run(a) -> int:
     from gift_quant.train.runner import run_recipe
 
     device = resolve_device(a.device)
-    r = load_recipe(a.recipe, overrides(a, GiftConfig, TrainSettings), device)
-    unused = sorted(overrides(a, TrainSettings))
-    if unused and not METHODS[r.method].trains:
-        warnings.warn(f"gift-quant: recipe {r.method} does not train; ignoring {', '.join(unused)}", stacklevel=1)
+    train_flags = overrides(a, TrainSettings)
+    r = load_recipe(a.recipe, {**overrides(a, GiftConfig), **train_flags}, device)
+    if train_flags and not METHODS[r.method].trains:
+        warnings.warn(f"gift-quant: recipe {r.method} does not train; ignoring {', '.join(sorted(train_flags))}",
+                      stacklevel=1)
     rank, world = dist_rank()
     main = rank == 0
     # multi-process (accelerate launch / torchrun): rank 0 alone checks, owns and renames the output
