@@ -36,6 +36,8 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+SCALE_LR_FACTOR = 10  # scale factors start at 1, FP16 columns near 0.05: Adam's per-step move is lr for both
+
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
@@ -144,7 +146,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     scale_params = [p for n_, p in names if n_.endswith("scale_mult")]  # relative factors: their own lr
     groups = [{"params": [p for n_, p in names if not n_.endswith("scale_mult")]}]
     if scale_params:
-        groups.append({"params": scale_params, "lr": s.scale_lr or s.lr})
+        groups.append({"params": scale_params, "lr": s.scale_lr or SCALE_LR_FACTOR * s.lr})
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999))
     run_model = ddp(acc, model.to(device)) if acc else model
     work_dir = Path(work_dir) if work_dir else None

@@ -37,7 +37,8 @@ class TrainSettings:
     train_scales: bool = setting(False, "post: also train each quantization group's scale (a factor on the stored "
                                         "fp16 scale; the codes stay frozen, the checkpoint format is unchanged)",
                                  flag="--train-scales")
-    scale_lr: float = setting(None, "AdamW learning rate of the scale factors (null: lr)", types=(float,), lo=0,
+    scale_lr: float = setting(None, "AdamW learning rate of the scale factors (null: 10 x lr; at lr 1e-3 on 2 bits "
+                                    "1x did nothing and 30x was worse than 10x)", types=(float,), lo=0,
                               lo_open=True, nullable=True, flag="--scale-lr")
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")

@@ -342,3 +342,32 @@ def test_trained_scale_factors_are_written_into_the_stored_scales():
         back = g.to_mixed()
     torch.testing.assert_close(back.scales, before * g.scale_mult.detach().t())
     torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)  # the packed layer computes what trained
+
+
+def test_scale_factors_take_ten_times_the_lr_by_default():
+    """Adam's first step moves every parameter by its lr: the FP16 columns by lr, the scale factors by
+    10 x lr (``scale_lr`` unset), or by ``scale_lr`` when given."""
+    from types import SimpleNamespace
+    from gift_quant.nn import MixedPrecisionLinear
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 128).requires_grad_(False)
+            mpl = MixedPrecisionLinear.random(128, 32, 2, group_size=32, n_salient=4, dtype=torch.float32, seed=9)
+            self.lin = GiftLinear.from_mixed(mpl, "none", train_scales=True)
+
+        def forward(self, input_ids, labels=None, use_cache=False):
+            return SimpleNamespace(loss=self.lin(self.emb(input_ids)).square().mean())
+
+    for scale_lr, want in ((None, 1e-2), (3e-3, 3e-3)):
+        torch.manual_seed(0)
+        m = Wrap()
+        s0, m0 = m.lin.salient_weight.detach().clone(), m.lin.scale_mult.detach().clone()
+        train(m, torch.randint(0, 50, (4, 16)), TrainSettings(steps=1, lr=1e-3, scale_lr=scale_lr, batch_size=4,
+                                                             warmup_ratio=0.0, schedule="constant",
+                                                             max_grad_norm=None, progress=False))
+        torch.testing.assert_close((m.lin.salient_weight.detach() - s0).abs(), torch.full_like(s0, 1e-3),
+                                   rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close((m.lin.scale_mult.detach() - m0).abs(), torch.full_like(m0, want),
+                                   rtol=1e-3, atol=1e-7)
