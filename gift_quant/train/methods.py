@@ -59,7 +59,7 @@ class Method:
 
     def check(self, recipe):
         """Refuse, before any long work, a combination of settings this method cannot use."""
-        if recipe.train.train_scales and not self.trains_scales:
+        if self.trains and recipe.train.train_scales and not self.trains_scales:  # none ignores training flags
             raise GiftError(f"train_scales needs recipe post (recipe {self.name} has no frozen codes with scales "
                             "to train)")
 

@@ -125,7 +125,10 @@ def test_compress_calibrates_on_generated_text(tiny_model_dir, tmp_path, capsys,
 
 
 def test_training_flags_on_a_recipe_that_does_not_train_warn(tiny_model_dir, tmp_path, capsys):
-    with pytest.warns(UserWarning, match="recipe none does not train; ignoring loss, steps"):
+    with pytest.warns(UserWarning, match="recipe none does not train; ignoring loss, steps, train_scales"):
         code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o", "--bits", "4", "--no-eval",
-                                                     "--loss", "kd", "--steps", "5"))
+                                                     "--loss", "kd", "--steps", "5", "--train-scales"))
     assert code == 0, err
+    code, _, err = _run(capsys, *_compress_args(tiny_model_dir, tmp_path / "o2", "--bits", "4", "--no-eval",
+                                                 "--recipe", "ste", "--train-scales"))
+    assert code == 2 and "train_scales needs recipe post" in err and "Traceback" not in err

@@ -223,7 +223,7 @@ def test_train_scales_trains_and_saves_the_group_scales(tmp_path, tiny_model_dir
         torch.testing.assert_close(loaded(ids).logits, b.model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["pre", "ste", "lora", "none"])
+@pytest.mark.parametrize("method", ["pre", "ste", "lora"])
 def test_train_scales_outside_post_is_a_one_line_error(tmp_path, tiny_model_dir, method):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
