@@ -50,17 +50,23 @@ def test_recipe_end_to_end_and_reload(tmp_path, tiny_model_dir, method):
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def _post_scales(model):
+    from gift_quant.nn import MixedPrecisionLinear
+    return {n: m.scales.detach().clone() for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
+
+
 def _post_salient(model):
     from gift_quant.nn import MixedPrecisionLinear
     return {n: m.salient_weight.detach().clone() for n, m in model.named_modules()
             if isinstance(m, MixedPrecisionLinear)}
 
 
-def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("scales", [False, True])  # True: two optimizer param groups to save and restore
+def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_dir, monkeypatch, scales):
     from transformers import AutoModelForCausalLM
     import gift_quant.train.loop as T
     tok = char_tokenizer()
-    r = _recipe(tmp_path, "post")
+    r = _recipe(tmp_path, "post", train_scales=scales)
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -80,6 +86,8 @@ def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_di
     assert s.train_report.resumed_from == 2
     a, b = _post_salient(full), _post_salient(s.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _post_scales(full), _post_scales(s.model)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     # a checkpoint of a different recipe is refused in one line
     r2 = _recipe(tmp_path, "post", lr=5e-4)
     with pytest.raises(GiftError, match="different model or recipe"):
