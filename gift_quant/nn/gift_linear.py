@@ -172,11 +172,12 @@ class GiftLinear(nn.Module):
         if self._packed is None:
             raise GiftError("to_mixed needs a GiftLinear made by from_mixed (post); pre modules go through GPTQ")
         mpl = self._packed
-        with torch.no_grad():
-            mpl.salient_weight.data.copy_(self.salient_weight.detach().to(mpl.salient_weight.dtype).cpu())
+        with torch.no_grad():  # in-place copies (not through .data): they bump _version, which the kernel
+            # layout cache checks, so a layout built before training is rebuilt
+            mpl.salient_weight.copy_(self.salient_weight.detach().to(mpl.salient_weight.dtype))
             if self.scale_mult is not None:
                 s = mpl.scales.float() * self.scale_mult.detach().t().float().to(mpl.scales.device)
-                mpl.scales.data.copy_(s.to(mpl.scales.dtype))
+                mpl.scales.copy_(s.to(mpl.scales.dtype))
         return mpl
 
     # ---- forward ---------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     scale_params = [p for n_, p in names if n_.endswith("scale_mult")]  # relative factors: their own lr
     groups = [{"params": [p for n_, p in names if not n_.endswith("scale_mult")]}]
     if scale_params:
-        groups.append({"params": scale_params, "lr": s.scale_lr or SCALE_LR_FACTOR * s.lr})
+        # no weight decay: AdamW decays towards 0, and a factor's neutral value is 1
+        groups.append({"params": scale_params, "lr": s.scale_lr or SCALE_LR_FACTOR * s.lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999))
     run_model = ddp(acc, model.to(device)) if acc else model
     work_dir = Path(work_dir) if work_dir else None

@@ -239,8 +239,12 @@ def test_backend_choice_is_memoized_but_follows_the_environment(monkeypatch):
     layer = MixedPrecisionLinear.random(64, 16, 4, 32, 2, seed=2)
     x = torch.randn(1, 64)
     dispatch.reset()
+    calls = []
+    real = dispatch._resolve
+    monkeypatch.setattr(dispatch, "_resolve", lambda *a: calls.append(a) or real(*a))
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "torch")
     assert dispatch.resolve(x, layer) == "torch" == dispatch.resolve(x, layer)
+    assert len(calls) == 1  # the second call is answered from the memo
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "cuda")
     for _ in range(2):  # an error is never memoized
         with pytest.raises(RuntimeError, match="GIFT_QUANT_KERNEL=cuda: input on cpu"):

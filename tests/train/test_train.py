@@ -329,8 +329,9 @@ def test_scale_factors_match_a_dense_float64_reference(noise):
     assert mult.grad.abs().max() > 0
 
 
-def test_trained_scale_factors_are_written_into_the_stored_scales():
+def test_trained_scale_factors_are_written_into_the_stored_scales(monkeypatch):
     from gift_quant.nn import MixedPrecisionLinear
+    monkeypatch.setenv("GIFT_QUANT_TORCH_CACHE", "1")  # the PyTorch path keeps a dequantized layout per layer
     mpl = MixedPrecisionLinear.random(128, 32, 3, group_size=32, n_salient=4, dtype=torch.float32, seed=5)
     before = mpl.scales.clone()
     g = GiftLinear.from_mixed(mpl, "none", train_scales=True)
@@ -338,10 +339,13 @@ def test_trained_scale_factors_are_written_into_the_stored_scales():
         g.scale_mult.uniform_(0.5, 1.5)
     x = torch.randn(7, 128)
     with torch.no_grad():
+        stale = mpl(x)  # builds a cached layout from the untrained scales (cache on): it must not survive
         want = g.eval()(x)
         back = g.to_mixed()
     torch.testing.assert_close(back.scales, before * g.scale_mult.detach().t())
-    torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)  # the packed layer computes what trained
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)  # the packed layer computes what trained
+    assert not torch.allclose(stale, want, atol=1e-3)
 
 
 def test_scale_factors_take_ten_times_the_lr_by_default():
@@ -360,14 +364,16 @@ def test_scale_factors_take_ten_times_the_lr_by_default():
         def forward(self, input_ids, labels=None, use_cache=False):
             return SimpleNamespace(loss=self.lin(self.emb(input_ids)).square().mean())
 
-    for scale_lr, want in ((None, 1e-2), (3e-3, 3e-3)):
+    for scale_lr, want, wd in ((None, 1e-2, 0.0), (3e-3, 3e-3, 0.0), (None, 1e-2, 0.5)):
         torch.manual_seed(0)
         m = Wrap()
         s0, m0 = m.lin.salient_weight.detach().clone(), m.lin.scale_mult.detach().clone()
         train(m, torch.randint(0, 50, (4, 16)), TrainSettings(steps=1, lr=1e-3, scale_lr=scale_lr, batch_size=4,
-                                                             warmup_ratio=0.0, schedule="constant",
+                                                             warmup_ratio=0.0, schedule="constant", weight_decay=wd,
                                                              max_grad_norm=None, progress=False))
-        torch.testing.assert_close((m.lin.salient_weight.detach() - s0).abs(), torch.full_like(s0, 1e-3),
-                                   rtol=1e-3, atol=1e-7)
+        if not wd:
+            torch.testing.assert_close((m.lin.salient_weight.detach() - s0).abs(), torch.full_like(s0, 1e-3),
+                                       rtol=1e-3, atol=1e-7)
+        # never decayed towards 0: a factor's neutral value is 1
         torch.testing.assert_close((m.lin.scale_mult.detach() - m0).abs(), torch.full_like(m0, want),
                                    rtol=1e-3, atol=1e-7)
