@@ -37,10 +37,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _weight(base, idx, delta, g_idx, kind, seed, dtype, mult=None):
     if mult is not None:
         w = base.to(dtype) * mult.to(dtype)[:, g_idx]  # scaled codes; salient slots of base are 0
-    elif seed is None:
-        return base.to(dtype)  # no noise: the buffer itself (no copy when the dtype matches)
-    else:
-        w = base.to(dtype, copy=True)
+    else:  # without noise the buffer itself (no copy when the dtype matches)
+        w = base.to(dtype, copy=seed is not None)
     if seed is None:
         return w
     w.add_(qni.sample(w.shape, delta, g_idx, kind, seed, w.device, dtype))

@@ -219,7 +219,8 @@ def test_train_scales_trains_and_saves_the_group_scales(tmp_path, tiny_model_dir
                    work_dir=tmp_path / "w0", progress=False, device="cpu")
     b = run_recipe(r1, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), char_tokenizer(),
                    out_dir=tmp_path / "out", work_dir=tmp_path / "w1", progress=False, device="cpu")
-    mods = lambda m: {n: x for n, x in m.named_modules() if isinstance(x, MixedPrecisionLinear)}  # noqa: E731
+    def mods(m):
+        return {n: x for n, x in m.named_modules() if isinstance(x, MixedPrecisionLinear)}
     ma, mb = mods(a.model), mods(b.model)
     n_scales = sum(m.scales.numel() for m in ma.values())
     assert b.summary["trainable_params"] == a.summary["trainable_params"] + n_scales
