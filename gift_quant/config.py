@@ -87,13 +87,6 @@ class GiftConfig(QuantizationConfigMixin):
     true_sequential: bool = setting(False, "quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                                            "quantized stages before it (as GPTQModel; slower)",
                                     flag="--true-sequential")
-    block_tune_steps: int = setting(0, "after GPTQ of each decoder layer, Adam steps on its FP16 columns towards "
-                                       "the float layer's outputs (0: off)", lo=0, flag="--block-tune-steps")
-    block_tune_lr: float = setting(1e-3, "learning rate of --block-tune-steps", lo=0, lo_open=True,
-                                   flag="--block-tune-lr")
-    block_tune_target: str = setting("quantized", "block tuning's target: the float layer on the quantized "
-                                     "model's inputs (quantized) or on the float model's own (float)",
-                                     choices=("quantized", "float"), flag="--block-tune-target")
     recipe: str = setting("none", "the recipe that produced the checkpoint (recorded, not read)", recipe=False)
     modules_not_converted: list = setting(list(DEFAULT_NOT_CONVERTED), "module names (or prefixes, or suffixes "
                                                                        "after a dot) kept in float")

@@ -72,9 +72,7 @@ def budget_overrides(a) -> dict:
             "lr": a.lr, "scale_lr": a.scale_lr, "warmup_ratio": 0.03, "schedule": "linear", "calib_samples": a.calib_samples,
             "seq_len": 512, "dataset": a.calib_dataset, "max_train_tokens": a.max_train_tokens, "eval_every": 0,
             "patience": 0,
-            "save_every": 0, "train_dataset": a.train_dataset, "weight_decay": 0.0, "method": a.quant_method,
-            "block_tune_steps": a.block_tune_steps, "block_tune_lr": a.block_tune_lr,
-            "block_tune_target": a.block_tune_target}
+            "save_every": 0, "train_dataset": a.train_dataset, "weight_decay": 0.0, "method": a.quant_method}
 
 
 def evaluate(model, evs: dict, device) -> dict:
@@ -97,10 +95,6 @@ def main(argv=None):
     ap.add_argument("--scale-lr", type=float, default=None, help="lr of the group-scale factors (*-scales methods)")
     ap.add_argument("--max-train-tokens", type=int, default=400_000, help="tokens of training text tokenized")
     ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--block-tune-steps", type=int, default=0, help="block-wise tuning of the FP16 columns "
-                    "during compression (every method gets the same stage)")
-    ap.add_argument("--block-tune-lr", type=float, default=1e-3)
-    ap.add_argument("--block-tune-target", default="quantized", choices=["quantized", "float"])
     ap.add_argument("--calib-dataset", default="bundled", help="calibration text, e.g. bundled, generated, "
                     "bundled+generated (every method gets the same)")
     ap.add_argument("--train-dataset", default="train", help="training text (every trained method gets the same)")

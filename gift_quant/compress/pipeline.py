@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from gift_quant.compress import experts as moe
-from gift_quant.compress.blocktune import tune_layer
 from gift_quant.compress.layers import (activation_device, capture_inputs, collect_stats, decoder_layers, linears,
                                         run_layer, stages, stat_passes, to_device)
 from gift_quant.compress.report import CompressReport, ModuleReport, account
@@ -110,7 +109,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
     batches = capture_inputs(model, samples, batch_size, model_device)
     act_dev = activation_device(samples, getattr(model.config, "hidden_size", 4096), device)
     batches = [(h.to(act_dev), to_device(kw, act_dev)) for h, kw in batches]
-    fp_batches = batches  # the float model's own stream (block tuning with a float target)
     counts = dict(config.salient_counts)
     bar = tqdm(range(len(layers)), desc=f"{config.method} {config.bits}-bit", unit="layer", disable=not progress)
     state = LayerState(state_dir, config, samples, model) if state_dir is not None else None
@@ -120,10 +118,7 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
         layer = layers[li].to(device)
         lins = linears(layer, config, f"{prefix}.{li}")
         packed = {}
-        float_stream = config.block_tune_steps > 0 and config.block_tune_target == "float"
         if state is not None and state.has(li):
-            if float_stream:  # the layer still holds its float weights: move the float stream on
-                fp_batches = [(o, kw) for o, (_, kw) in zip(run_layer(layer, fp_batches), fp_batches)]
             packed = state.load(li, report, counts, storage_dtype)
             for n, lin in lins.items():
                 lin.weight.data.copy_(packed[n].dequantize(torch.float32).to(device, lin.weight.dtype))
@@ -143,11 +138,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
             report.modules.append(row)
             account(report, packed[n])
 
-        targets = None
-        if config.block_tune_steps and lins:  # the float layer's outputs
-            targets = run_layer(layer, fp_batches if float_stream else batches)
-            if float_stream:
-                fp_batches = [(o, kw) for o, (_, kw) in zip(targets, fp_batches)]
         if len(groups) > 1 and not config.true_sequential:
             _quantize_in_passes(layer, lins, groups, batches, device, config.expert_min_tokens, quantize,
                                 f"{prefix}.{li}", report)
@@ -165,11 +155,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
                 report.expert_fallbacks[f"{prefix}.{li}.{n}"] = tokens  # MoE hook: pooled-statistics fallback
             for n in group:
                 quantize(n, stats[n])
-        if targets is not None:
-            tl = tune_layer(layer, lins, packed, batches, targets, config.block_tune_steps, config.block_tune_lr,
-                            seed=config.seed + li)
-            report.block_tune[f"{prefix}.{li}"] = tl
-            del targets
         if state is not None and lins:
             state.save(li, packed, report.modules[-len(lins):])
         outs = run_layer(layer, batches)

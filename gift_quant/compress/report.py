@@ -23,7 +23,6 @@ class CompressReport:
     quantized_bits: int = 0      # bits of every tensor that replaced a Linear
     original_params: int = 0     # weights of the Linears that were replaced
     coverage: object = None      # compress.experts.Coverage: share of decoder parameters left in float
-    block_tune: dict = field(default_factory=dict)  # decoder layer -> relative block loss before / after tuning
     expert_fallbacks: dict = field(default_factory=dict)  # expert module -> tokens it got (pooled stats used)
 
     @property
