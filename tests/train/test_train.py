@@ -377,3 +377,75 @@ def test_scale_factors_take_ten_times_the_lr_by_default():
         # never decayed towards 0: a factor's neutral value is 1
         torch.testing.assert_close((m.lin.scale_mult.detach() - m0).abs(), torch.full_like(m0, want),
                                    rtol=1e-3, atol=1e-7)
+
+
+def _subset_case(scale_tokens, seed=0):
+    from gift_quant.nn import MixedPrecisionLinear
+    mpl = MixedPrecisionLinear.random(64, 48, 2, group_size=16, n_salient=4, dtype=torch.float32, seed=seed)
+    g = GiftLinear.from_mixed(mpl, "none", train_scales=True, scale_tokens=scale_tokens).double().train()
+    with torch.no_grad():
+        g.scale_mult.uniform_(0.8, 1.2)
+    return g
+
+
+def test_scale_gradient_on_a_token_subset_matches_the_float64_reference():
+    """scale_tokens < 1: the factors' gradient is the dense reference's on the drawn tokens, scaled by
+    tokens / drawn; the FP16 columns' and the input's gradients still use every token."""
+    g = _subset_case(0.25)
+    x = torch.randn(4, 16, 64, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    y = g(x)
+    # only the drawn tokens' inputs are kept for backward, not all 64
+    kept = [t for t in y.grad_fn.saved_tensors if t is not None and t.dim() == 2 and t.data_ptr() != g.base.data_ptr()
+            and t.shape[-1] == 64]
+    assert [tuple(t.shape) for t in kept] == [(16, 64)]
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    torch.manual_seed(5)
+    sub = torch.randperm(64)[:16]  # the draw GiftLinear.forward makes (no noise: nothing drawn before it)
+    mult = g.scale_mult.detach().clone().requires_grad_(True)
+    sal = g.salient_weight.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    W = (g.base * mult[:, g.g_idx]).index_copy(1, g.salient_idx, sal)
+    y2 = x2 @ W.t() + (0 if g.bias is None else g.bias)
+    full = (y2 * gy).sum()
+    gx, gsal = torch.autograd.grad(full, (x2, sal), retain_graph=True)
+    flat, gflat = y2.reshape(-1, y2.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    (gm,) = torch.autograd.grad((flat[sub] * gflat[sub]).sum() * (64 / 16), mult)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g.scale_mult.grad, gm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g.salient_weight.grad, gsal, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-10, atol=1e-10)
+
+
+def test_scale_gradient_on_a_token_subset_is_unbiased():
+    """Averaged over many draws, the subset estimate approaches the gradient from every token."""
+    g = _subset_case(0.25, seed=1)
+    full = _subset_case(1.0, seed=1)
+    full.load_state_dict(g.state_dict())
+    x = torch.randn(2, 32, 64, dtype=torch.float64)
+    gy = torch.randn(2, 32, 48, dtype=torch.float64)
+    full(x).backward(gy)
+    torch.manual_seed(0)
+    acc = torch.zeros_like(g.scale_mult)
+    n = 2000
+    for _ in range(n):
+        g.scale_mult.grad = None
+        g(x).backward(gy)
+        acc += g.scale_mult.grad
+    err = (acc / n - full.scale_mult.grad).norm() / full.scale_mult.grad.norm()
+    one = (g.scale_mult.grad - full.scale_mult.grad).norm() / full.scale_mult.grad.norm()
+    assert err < 0.1 < one, (err, one)  # one draw is far off; the mean converges
+
+
+def test_scale_tokens_needs_train_scales_and_a_share():
+    from gift_quant.train import load_recipe
+    with pytest.raises(GiftError, match="scale_tokens"):
+        TrainSettings(scale_tokens=0)
+    with pytest.raises(GiftError, match="scale_tokens"):
+        TrainSettings(scale_tokens=1.5)
+    from gift_quant.train.methods import METHODS
+    r = load_recipe("post", {"scale_tokens": 0.5}, "cpu")
+    with pytest.raises(GiftError, match="needs train_scales"):
+        METHODS["post"].check(r)
+    METHODS["post"].check(load_recipe("post", {"scale_tokens": 0.5, "train_scales": True}, "cpu"))
