@@ -61,12 +61,13 @@ def _post_salient(model):
             if isinstance(m, MixedPrecisionLinear)}
 
 
-@pytest.mark.parametrize("scales", [False, True])  # True: two optimizer param groups to save and restore
+# True: two optimizer param groups to save and restore; 0.5: the scale gradient's token draws replay too
+@pytest.mark.parametrize("scales", [False, True, 0.5])
 def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_dir, monkeypatch, scales):
     from transformers import AutoModelForCausalLM
     import gift_quant.train.loop as T
     tok = char_tokenizer()
-    r = _recipe(tmp_path, "post", train_scales=scales)
+    r = _recipe(tmp_path, "post", train_scales=bool(scales), scale_tokens=1.0 if scales is True else scales or 1.0)
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
