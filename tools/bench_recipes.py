@@ -93,8 +93,6 @@ def main(argv=None):
     ap.add_argument("--train-seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scale-lr", type=float, default=None, help="lr of the group-scale factors (*-scales methods)")
-    ap.add_argument("--scale-tokens", type=float, default=1.0, help="share of the tokens the scale factors' "
-                    "gradient is estimated from (*-scales methods)")
     ap.add_argument("--max-train-tokens", type=int, default=400_000, help="tokens of training text tokenized")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-dataset", default="bundled", help="calibration text, e.g. bundled, generated, "
@@ -161,8 +159,6 @@ def main(argv=None):
                 for m in [m for m in methods if m != "fp"]:
                     recipe, forced = VARIANTS.get(m, (m, {}))
                     ov = {"bits": bits, "seed": seed, **budget_overrides(a), **forced}
-                    if forced.get("train_scales"):
-                        ov["scale_tokens"] = a.scale_tokens
                     r = load_recipe(recipe, ov, device=str(device))
                     work = Path(tempfile.mkdtemp(prefix=f"bench-{m}-"))
                     if recipe != "pre":

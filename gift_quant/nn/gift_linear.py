@@ -14,8 +14,7 @@
   grad(x) = grad_out @ (base + noise) (+ the salient part): a dense weight gradient is never formed,
   except for the opt-in ``scale_mult`` [out, G] (post, ``train_scales``): the stored scale of every group
   is multiplied by it, so the codes stay frozen while the quantization grid trains. Its gradient needs the
-  dense grad_out^T @ x once per call (about one more forward's worth of matmul); ``scale_tokens`` < 1
-  estimates it from a random share of the tokens, scaled up (unbiased, cheaper, noisier).
+  dense grad_out^T @ x once per call (about one more forward's worth of matmul).
 - In eval mode there is no noise: the output is deterministic.
 """
 from __future__ import annotations
@@ -50,7 +49,7 @@ def _weight(base, idx, delta, g_idx, kind, seed, dtype, mult=None):
 
 class _GiftLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, salient_weight, base, idx, delta, g_idx, bias, kind, seed, mult, sub):
+    def forward(ctx, x, salient_weight, base, idx, delta, g_idx, bias, kind, seed, mult):
         dt = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dt)
@@ -61,16 +60,13 @@ class _GiftLinearFn(torch.autograd.Function):
             if idx.numel():
                 y = y + F.linear(x_sal, salient_weight.to(dt))
         train_mult = mult is not None and ctx.needs_input_grad[9]
-        x_mult = None
-        if train_mult:  # what the scale gradient reads: every token, or the random subset ``sub``
-            x_mult = x if sub is None else x.reshape(-1, x.shape[-1])[sub]
-        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta, g_idx, mult, x_mult, sub)
+        ctx.save_for_backward(x_sal, salient_weight, base, idx, delta, g_idx, mult, x if train_mult else None)
         ctx.kind, ctx.seed, ctx.dt, ctx.x_dtype = kind, seed, dt, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x_sal, salient_weight, base, idx, delta, g_idx, mult, x, sub = ctx.saved_tensors
+        x_sal, salient_weight, base, idx, delta, g_idx, mult, x = ctx.saved_tensors
         dt = ctx.dt
         gy = gy.to(dt)
         gx = gs = gm = None
@@ -88,12 +84,9 @@ class _GiftLinearFn(torch.autograd.Function):
             # d w[r, j] / d mult[r, g(j)] = base[r, j]: sum grad_W * base over each group's columns
             out, inf = base.shape
             acc = torch.promote_types(dt, torch.float32)  # fp32 at least: sums over every token
-            g2 = gy.reshape(-1, out)
-            if sub is not None:  # sum over a random share of the tokens, scaled to the whole
-                g2 = g2[sub] * (g2.shape[0] / sub.numel())
-            gw = g2.t().to(acc) @ x.reshape(-1, inf).to(acc)
+            gw = gy.reshape(-1, out).t().to(acc) @ x.reshape(-1, inf).to(acc)
             gm = torch.zeros_like(mult, dtype=acc).index_add_(1, g_idx, gw.mul_(base.to(acc))).to(mult.dtype)
-        return gx, gs, None, None, None, None, None, None, None, gm, None
+        return gx, gs, None, None, None, None, None, None, None, gm
 
 
 class GiftLinear(nn.Module):
@@ -131,7 +124,6 @@ class GiftLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
         self.scale_mult = None  # post + train_scales: [out, G] factor on each group's stored scale
-        self.scale_tokens = 1.0  # share of the tokens its gradient is estimated from
         self._packed = None  # the MixedPrecisionLinear a post module writes back into (not a submodule)
 
     # ---- conversions ---------------------------------------------------------------------------
@@ -147,18 +139,16 @@ class GiftLinear(nn.Module):
 
     @classmethod
     def from_mixed(cls, mpl, noise: str = "none", noise_bits: int | None = None,
-                   train_scales: bool = False, scale_tokens: float = 1.0) -> "GiftLinear":
+                   train_scales: bool = False) -> "GiftLinear":
         """``post``: the frozen dequantized codes of ``mpl`` (salient slots are 0 by construction).
         Delta per group is the stored scale, so sigma = scale / 2: the real step of the codes.
-        ``train_scales``: each group's scale trains too, as a factor (init 1) on the stored one, its gradient
-        estimated from ``scale_tokens`` of the tokens."""
+        ``train_scales``: each group's scale trains too, as a factor (init 1) on the stored one."""
         base = mpl.dequantize_base(torch.float32)
         delta, g_idx = qni.stored_step(mpl.scales, mpl.g_idx, mpl.bits, noise_bits)
         m = cls(base, mpl.salient_idx.long(), mpl.salient_weight.detach(), mpl.bias, mpl.bits, noise,
                 noise_bits, mode="post", delta=delta, g_idx=g_idx)
         if train_scales:
             m.scale_mult = nn.Parameter(torch.ones(m.out_features, mpl.scales.shape[0], device=base.device))
-            m.scale_tokens = float(scale_tokens)
         m._packed = mpl
         return m
 
@@ -193,13 +183,8 @@ class GiftLinear(nn.Module):
         seed = None
         if self.training and self.noise != "none":
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # global RNG: seeded per step by the trainer
-        sub = None
-        m = self.scale_mult
-        if m is not None and m.requires_grad and self.scale_tokens < 1 and torch.is_grad_enabled():
-            n_tok = x.numel() // x.shape[-1]  # global RNG, as the noise seed: resumes identically
-            sub = torch.randperm(n_tok, device=x.device)[:max(1, round(n_tok * self.scale_tokens))]
         return _GiftLinearFn.apply(x, self.salient_weight, self.base, self.salient_idx, self.delta, self.g_idx,
-                                   self.bias, self.noise, seed, m, sub)
+                                   self.bias, self.noise, seed, self.scale_mult)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.salient_idx.numel()}, "

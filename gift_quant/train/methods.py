@@ -62,8 +62,6 @@ class Method:
         if self.trains and recipe.train.train_scales and not self.trains_scales:  # none ignores training flags
             raise GiftError(f"train_scales needs recipe post (recipe {self.name} has no frozen codes with scales "
                             "to train)")
-        if self.trains and recipe.train.scale_tokens < 1 and not recipe.train.train_scales:
-            raise GiftError("scale_tokens sets how the scale factors' gradient is estimated: it needs train_scales")
 
     def prepare(self, run):
         self.compress(run)
@@ -117,9 +115,8 @@ class Post(Method):
         self.compress(run)
         run.model.to(run.device)
         s = run.recipe.train
-        swap_modules(run.model, lambda n, m: GiftLinear.from_mixed(m, s.noise, s.noise_bits, s.train_scales,
-                                                                   s.scale_tokens).to(run.device),
-                     (MixedPrecisionLinear,))
+        swap_modules(run.model, lambda n, m: GiftLinear.from_mixed(m, s.noise, s.noise_bits, s.train_scales)
+                     .to(run.device), (MixedPrecisionLinear,))
 
     def finalize(self, run):
         swap_modules(run.model, lambda n, m: m.to_mixed(), (GiftLinear,))

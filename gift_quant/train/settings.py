@@ -40,10 +40,6 @@ class TrainSettings:
     scale_lr: float = setting(None, "AdamW learning rate of the scale factors (null: 10 x lr; at lr 1e-3 on 2 bits "
                                     "1x did nothing and 30x was worse than 10x)", types=(float,), lo=0,
                               lo_open=True, nullable=True, flag="--scale-lr")
-    scale_tokens: float = setting(1.0, "share of each step's tokens the scale factors' gradient is estimated "
-                                       "from (an unbiased random subset; below 1 cuts the dense matmul that "
-                                       "gradient costs)", types=(float, int), lo=0, hi=1, lo_open=True,
-                                  flag="--scale-tokens")
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")
     noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,),
