@@ -50,14 +50,10 @@ def test_recipe_end_to_end_and_reload(tmp_path, tiny_model_dir, method):
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def _post_scales(model):
+def _packed(model, attr):
+    """``attr`` (e.g. salient_weight, scales) of every packed layer, by module name."""
     from gift_quant.nn import MixedPrecisionLinear
-    return {n: m.scales.detach().clone() for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
-
-
-def _post_salient(model):
-    from gift_quant.nn import MixedPrecisionLinear
-    return {n: m.salient_weight.detach().clone() for n, m in model.named_modules()
+    return {n: getattr(m, attr).detach().clone() for n, m in model.named_modules()
             if isinstance(m, MixedPrecisionLinear)}
 
 
@@ -84,10 +80,9 @@ def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_di
     assert json.loads((tmp_path / "w2" / "train_state.json").read_text())["step"] == 2
     s = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", resume=True, progress=False, device="cpu")
     assert s.train_report.resumed_from == 2
-    a, b = _post_salient(full), _post_salient(s.model)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = _post_scales(full), _post_scales(s.model)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for attr in ("salient_weight", "scales"):
+        a, b = _packed(full, attr), _packed(s.model, attr)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), attr
     # a checkpoint of a different recipe is refused in one line
     r2 = _recipe(tmp_path, "post", lr=5e-4)
     with pytest.raises(GiftError, match="different model or recipe"):
