@@ -1,4 +1,4 @@
-"""One source per setting: the declarations drive validation, recipe keys, CLI flags and the README table."""
+"""One source per setting: the declarations drive validation, recipe keys, CLI flags and the table in docs/cli.md."""
 import dataclasses
 import re
 from pathlib import Path
@@ -12,16 +12,16 @@ from gift_quant.settings import specs
 from gift_quant.train import TrainSettings, load_recipe
 from gift_quant.train.recipe import recipe_keys
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 def _default(f):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _readme_rows() -> dict[str, tuple[str, str]]:
+def _doc_rows() -> dict[str, tuple[str, str]]:
     rows = {}
-    for line in README.read_text().splitlines():
+    for line in SETTINGS_DOC.read_text().splitlines():
         m = re.match(r"\| ((?:`\w+`(?:, )?)+) \| (.*?) \| (.*?) \|", line)
         if m:
             for name in re.findall(r"`(\w+)`", m.group(1)):
@@ -29,10 +29,10 @@ def _readme_rows() -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_readme_states_every_default_as_declared():
-    rows = _readme_rows()
+def test_docs_state_every_default_as_declared():
+    rows = _doc_rows()
     for name, f in recipe_keys().items():
-        assert name in rows, f"README defaults table misses {name}"
+        assert name in rows, f"docs/cli.md settings table misses {name}"
         flag, default = rows[name]
         d = _default(f)
         assert default.split(" (")[0] == str(d), (name, default, d)  # "None (bundled)": a note after the value
