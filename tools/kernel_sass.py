@@ -3,10 +3,11 @@
 - :func:`specialize` turns launch arguments into the ``signature``/``constexprs``/``attrs`` of a
   ``triton.compiler.ASTSource`` with the rules of Triton's launcher (the only Triton-specific part);
 - :func:`compile_sm90` compiles it, reruns the wheel's ``ptxas -v`` on the PTX (spills) and reads the
-  cubin's resources (``cuobjdump -res-usage``) and SASS with source lines (``nvdisasm --print-line-info``:
-  the same instructions as ``cuobjdump -sass``, plus the source line that ties each load to its pointer);
-- :func:`analyze` finds loops (a backward ``BRA``), classifies every global load by role and width and
-  counts, per loop iteration, how often a warp must wait for a DRAM load it issued (latency exposures).
+  cubin's resources (``cuobjdump -res-usage``) and SASS (``cuobjdump -sass``);
+- :func:`analyze_kernel` finds loops (a backward ``BRA``), ties every global load to the pointer
+  parameter its address comes from (register dataflow from the constant bank, so it does not depend on
+  line info, which Triton 3.9 moves to the first use), and counts per loop iteration how often a warp
+  waits for a DRAM load it issued (latency exposures).
 """
 from __future__ import annotations
 
@@ -115,31 +116,24 @@ class Instr:
     pred: str
     op: str
     operands: str
-    line: tuple | None         # (file, line) of the source
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L\w+):")
 
 
 def parse_sass(text: str):
-    """Instructions in order and label -> address, from ``nvdisasm --print-line-info`` output."""
-    out, labels, line, pending = [], {}, None, []
+    """Instructions in order and label -> address (``cuobjdump -sass`` or ``nvdisasm`` output)."""
+    out, labels, pending = [], {}, []
     for raw in text.splitlines():
         s = raw.strip()
-        m = _LINE.search(s)
-        if m:  # the first line of an inlined stack is the innermost source position
-            if not s.startswith("//## File") or "inlined at" not in s:
-                line = (m.group(1), int(m.group(2)))
-            continue
         m = _LABEL.match(s)
         if m:
             pending.append(m.group(1))
             continue
         m = _INSTR.search(s)
         if m:
-            ins = Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip(), line)
+            ins = Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip())
             for lab in pending:
                 labels[lab] = ins.addr
             pending = []
@@ -162,14 +156,15 @@ def compile_sm90(fn, args: dict, num_warps: int, num_stages: int) -> Compiled:
         with open(cub, "wb") as f:
             f.write(k.asm["cubin"])
         res = _run([os.path.join(tool_dir(), "cuobjdump"), "-res-usage", cub])
-        dis = _run([os.path.join(tool_dir(), "nvdisasm"), "--print-line-info", cub])
+        dis = _run([os.path.join(tool_dir(), "cuobjdump"), "-sass", cub])
     if dis.returncode != 0:
-        raise RuntimeError("nvdisasm failed: " + dis.stderr[-500:])
+        raise RuntimeError("cuobjdump -sass failed: " + dis.stderr[-500:])
     m = re.search(r"REG:(\d+)", res.stdout)
     regs = int(m.group(1)) if m else int(re.search(r"Used (\d+) registers", log).group(1))
     sass, labels = parse_sass(dis.stdout)
     c = Compiled(fn.__name__, tool, regs, stores, loads, int(k.metadata.shared), sass)
     c.labels = labels
+    c.offsets = param_offsets(sig, k.asm["ptx"])
     return c
 
 
@@ -219,9 +214,11 @@ def loops(sass, labels):
     out = []
     for i, ins in enumerate(sass):
         if ins.op.startswith("BRA"):
-            m = re.search(r"\((\.L\w+)\)", ins.operands) or re.search(r"(\.L\w+)", ins.operands)
-            if m and m.group(1) in labels and labels[m.group(1)] <= ins.addr:
-                j = idx[labels[m.group(1)]]
+            m = re.search(r"(\.L\w+)", ins.operands)
+            h = re.search(r"\b0x([0-9a-f]+)\b", ins.operands)
+            target = labels.get(m.group(1)) if m else int(h.group(1), 16) if h else None
+            if target is not None and target <= ins.addr and target in idx:
+                j = idx[target]
                 if i - j >= 2:  # not the trailing self-loop after EXIT
                     out.append((j, i))
     return out
@@ -236,20 +233,106 @@ class Load:
     regs: set
 
 
-def classify_loads(sass, roles: dict, source_lines) -> list:
-    """Global loads with their role, by the pointer name that starts the ``tl.load(`` of their source line."""
+PARAM_BASE = 0x210  # kernel parameters start at c[0x0][0x210] on sm_90
+_CONST = re.compile(r"c\[0x0\]\[(0x[0-9a-f]+)\]")
+_ANY_REG = re.compile(r"\b(U?R)(\d+)(\.64)?\b")
+_PTX_PARAM = re.compile(r"\.param\s+\.([usbf])(\d+)")
+
+
+def param_offsets(sig: dict, ptx: str) -> dict:
+    """c-bank byte offset -> argument name of every pointer parameter (from the PTX entry's parameter list:
+    the non-constexpr arguments in order, each aligned to its size)."""
+    head = ptx[ptx.index(".entry"):]
+    head = head[:head.index(")")]
+    sizes = [int(m.group(2)) // 8 for m in _PTX_PARAM.finditer(head)]
+    names = [n for n, t in sig.items() if t != "constexpr"]
+    out, off = {}, PARAM_BASE
+    for name, size in zip(names, sizes):
+        off = -(-off // size) * size
+        if sig[name].startswith("*"):
+            for b in range(off, off + size):
+                out[b] = name
+        off += size
+    return out
+
+
+def _dep_regs(text: str, wide: bool = False) -> set:
+    out = set()
+    for m in _ANY_REG.finditer(text):
+        n = int(m.group(2))
+        out.add((m.group(1), n))
+        if m.group(3) or wide:
+            out.add((m.group(1), n + 1))
+    return out
+
+
+def pointer_sources(sass, spans, offsets: dict) -> dict:
+    """Instruction index of every global load -> the pointer parameters its address derives from.
+
+    Forward dataflow over registers (R and UR): a result depends on the pointer parameters read from the
+    constant bank by its sources; a loaded value depends on none (data, not address). Straight-line order,
+    each loop body walked twice (loop-carried addresses); predicated writes add to the old value.
+    """
+    deps: dict = {}
+    out: dict = {}
+    ends = {}
+    for s, e in spans:
+        ends.setdefault(e, []).append(s)
+
+    def step(i):
+        ins = sass[i]
+        ops = [o.strip() for o in ins.operands.split(",")] if ins.operands else []
+        head = ins.op.split(".")[0]
+        wide = ".WIDE" in ins.op
+        if load_bytes(ins.op):
+            addr = ins.operands[ins.operands.rfind("["):] if "[" in ins.operands else ""
+            src = set()
+            for r in _dep_regs(addr):
+                src |= deps.get(r, set())
+            for m in _CONST.finditer(addr):
+                src |= {offsets[int(m.group(1), 16)]} if int(m.group(1), 16) in offsets else set()
+            out[i] = out.get(i, set()) | src
+            if head != "LDGSTS" and ops:
+                n = min((r for r in _dep_regs(ops[0])), default=None)
+                if n is not None:
+                    for k in range(max(1, (load_bytes(ins.op) or 4) // 4)):
+                        deps[(n[0], n[1] + k)] = set()
+            return
+        if not ops or head.startswith(("ST", "RED", "BRA", "BAR", "EXIT", "RET", "CALL", "ISETP", "FSETP")):
+            return
+        src = set()
+        for k, o in enumerate(ops[1:], 1):  # IMAD.WIDE's addend (last operand) is a register pair
+            for r in _dep_regs(o, wide and k == len(ops) - 1):
+                src |= deps.get(r, set())
+        for m in _CONST.finditer(",".join(ops[1:])):
+            off = int(m.group(1), 16)
+            if off in offsets:
+                src.add(offsets[off])
+        dst = _dep_regs(ops[0], wide)
+        for r in dst:
+            deps[r] = (deps.get(r, set()) | src) if ins.pred else src
+
+    i = 0
+    while i < len(sass):
+        step(i)
+        for s in ends.get(i, []):
+            for j in range(s, i + 1):
+                step(j)
+        i += 1
+    return out
+
+
+def classify_loads(sass, roles: dict, sources: dict) -> list:
+    """Global loads with their role: that of the one pointer parameter their address derives from."""
     out = []
     for i, ins in enumerate(sass):
         b = load_bytes(ins.op)
         if not b:
             continue
-        name = None
-        if ins.line:
-            text = source_lines(*ins.line)
-            m = re.search(r"tl\.load\(\s*([A-Za-z_]\w*)", text or "")
-            name = m.group(1) if m else None
+        ptrs = sources.get(i, set())
+        name = next(iter(ptrs)) if len(ptrs) == 1 else "?"
         dst, _ = _split_operands(ins)
-        out.append(Load(i, b, roles.get(name, "other"), name or "?", dst))
+        out.append(Load(i, b, roles.get(name, "other"), name, dst))
     return out
 
 
@@ -302,21 +385,6 @@ def exposures(sass, body: tuple, loads: list, dram_roles=("weight", "meta"), pas
     return total
 
 
-def source_reader():
-    cache = {}
-
-    def read(path, line):
-        if path not in cache:
-            try:
-                with open(path) as f:
-                    cache[path] = f.read().splitlines()
-            except OSError:
-                cache[path] = []
-        lines = cache[path]
-        return lines[line - 1] if 0 < line <= len(lines) else None
-    return read
-
-
 def _key(fn, args, num_warps, num_stages):
     sig, const, attrs = specialize(fn, args)
     return (fn.__name__, id(fn), tuple(sig.items()), tuple(sorted((k, repr(v)) for k, v in const.items())),
@@ -335,8 +403,9 @@ def analyze_kernel(fn, args: dict, num_warps: int, num_stages: int, roles: dict,
         return cache[key]
     c = compile_sm90(fn, args, num_warps, num_stages)
     sass = c.sass
-    loads = classify_loads(sass, roles, source_reader())
-    spans = loops(sass, c.labels) or [(0, len(sass) - 1)]
+    real = loops(sass, c.labels)
+    loads = classify_loads(sass, roles, pointer_sources(sass, real, c.offsets))
+    spans = real or [(0, len(sass) - 1)]
     in_loop = set()
     owner = {}
     for n, (s, e) in enumerate(sorted(spans, key=lambda x: x[1] - x[0], reverse=True)):

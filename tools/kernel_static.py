@@ -121,7 +121,7 @@ class Variant:
     kernel: str                       # the @triton.jit function
     launch: Callable[[object, Case], Launch]   # (module, case) -> the dispatcher's launch
     routed: Callable[[int], bool]     # token counts the dispatcher sends here (default settings)
-    roles: dict                       # source name in ``tl.load(NAME`` -> weight | meta | cached
+    roles: dict                       # pointer parameter -> weight | meta | cached | x (loads from others: 'other')
     bench_key: str | None = None      # field of tools/bench_kernel.py's JSON row with this path's time
     plus_fp16: bool = False           # the path also runs the fp16 GEMM (dequant + cuBLAS)
     note: str = ""
@@ -136,7 +136,7 @@ def _gemv_max_tokens() -> int:
 # Shared by the three kernels: pointer dtypes of the layout (fp16 activations) and the roles of loads.
 _MIXED_ROLES = {"qw_ptr": "weight", "sw_ptr": "weight", "s_ptr": "meta", "z_ptr": "meta",
                 "gch_ptr": "cached", "perm_ptr": "cached", "si_ptr": "cached", "b_ptr": "cached",
-                "x_ptr": "x", "xrow": "x"}
+                "x_ptr": "x"}
 
 
 def _mixed_ptrs(c: Case, out_bytes: int) -> dict:
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
                     pred = predict(c, launch, st)
                     row = dict(kernel=v.name, bits=bits, tokens=t, shape=f"{K}x{N}", group=c.group, k=c.k,
                                routed=v.routed(t), triton=triton.__version__, ptxas=st["ptxas"],
-                               constexprs={n: x for n, x in launch.args.items() if n.isupper()},
+                               constexprs={p.name: launch.args[p.name] for p in fn.params if p.is_constexpr},
                                num_warps=launch.num_warps, num_stages=launch.num_stages, grid=list(launch.grid),
                                registers=st["registers"], spills=st["spill_stores"] + st["spill_loads"],
                                shared_bytes=st["shared_bytes"], cp_async=st["cp_async"],
@@ -368,8 +368,8 @@ def main(argv=None) -> int:
                                exposures_per_iter=st["main"]["exposures"] if st["main"] else None,
                                **pred, **calibrate(v, c, bench.get((K, N, bits, t)), pred))
                     if st["unattributed"]:
-                        print(f"kernel_static: warning: {v.name}: {st['unattributed']} global loads on source lines "
-                              "without a known tl.load(NAME (role 'other', not in the model)", file=sys.stderr)
+                        print(f"kernel_static: warning: {v.name}: {st['unattributed']} global loads not tied to one "
+                              "pointer of the variant's roles (role 'other', left out of the model)", file=sys.stderr)
                     line = json.dumps(row)
                     print(line, flush=True)
                     lines.append(line)
