@@ -308,7 +308,7 @@ def pointer_sources(sass, spans, offsets: dict) -> dict:
             off = int(m.group(1), 16)
             if off in offsets:
                 src.add(offsets[off])
-        dst = _dep_regs(ops[0], wide)
+        dst = _dep_regs(ops[0], wide or ".64" in ins.op.split("."))
         for r in dst:
             deps[r] = (deps.get(r, set()) | src) if ins.pred else src
 

@@ -44,7 +44,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the real compiler, not the interpreter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
@@ -318,6 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", help="a tools/bench_kernel.py JSON (H200) to compare with")
     ap.add_argument("--out", help="also write the JSON lines to DIR/kernel_static.jsonl (atomic)")
     a = ap.parse_args(argv)
+    os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the real compiler, not the interpreter
     names = a.kernels.split(",")
     unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
     if unknown:
