@@ -2,7 +2,7 @@
 
     python tools/kernel_static.py                                  # every variant, bits 2/3/4, all buckets
     python tools/kernel_static.py --kernels gemv --shapes 4096x11008 --bits 4 --tokens 1
-    python tools/kernel_static.py --calibrate benchmarks/h200-2026-11-27b/kernel.json --out DIR
+    python tools/kernel_static.py --calibrate benchmarks/h200-2026-11-27b/kernel.json --out rows.jsonl
 
 Each row of ``VARIANTS`` is one kernel launch as the dispatcher makes it (constexprs, num_warps, grid,
 pointer roles) for a (bits, tokens, K x N) case with group 128 and k = 128 FP16 columns. The tool
@@ -287,6 +287,43 @@ def calibrate(v: Variant, c: Case, row: dict | None, pred: dict) -> dict:
     return out
 
 
+MD_COLUMNS = (("kernel", "kernel"), ("bits", "bits"), ("tokens", "tokens"), ("shape", "K x N"),
+              ("registers", "regs"), ("spills", "spills"), ("shared_bytes", "smem B"),
+              ("weight_ldg_128_share", "weight bytes by 128-bit loads"), ("x_ldg_vector_share", "x vector loads"),
+              ("instr_per_weight_byte", "instr / weight byte"), ("exposures_per_iter", "waits / iter"),
+              ("programs_per_sm", "programs / SM"), ("bytes_in_flight_per_sm", "bytes in flight / SM"),
+              ("bound", "bound"), ("predicted_us", "predicted us"), ("predicted_bw_share", "predicted share"),
+              ("measured_bw_share", "measured share"), ("measured_over_predicted", "measured / predicted"))
+
+
+def markdown(rows: list) -> str:
+    """The rows as a markdown table (docs/kernel_notes.md); '-' where a field does not apply."""
+    def cell(v):
+        return "-" if v is None else str(v)
+    head = "| " + " | ".join(t for _, t in MD_COLUMNS) + " |\n|" + "---|" * len(MD_COLUMNS) + "\n"
+    return head + "".join("| " + " | ".join(cell(r.get(k)) for k, _ in MD_COLUMNS) + " |\n" for r in rows)
+
+
+def _write(path: str, text: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _summary(rows: list):
+    """measured / predicted per (kernel, bound) on stderr: how far the model is from the device."""
+    groups = {}
+    for r in rows:
+        if "measured_over_predicted" in r:
+            groups.setdefault((r["kernel"], r["bound"]), []).append(r["measured_over_predicted"])
+    for (k, b), v in sorted(groups.items()):
+        v.sort()
+        print(f"kernel_static: {k} ({b}-bound, {len(v)} rows): measured/predicted {v[0]:.2f}-{v[-1]:.2f}, "
+              f"median {v[len(v) // 2]:.2f}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- CLI
 
 def _parse_list(s: str, cast, what: str):
@@ -315,9 +352,11 @@ def main(argv=None) -> int:
     ap.add_argument("--all-tokens", action="store_true",
                     help="every variant at every token count, not only where the dispatcher routes it")
     ap.add_argument("--calibrate", help="a tools/bench_kernel.py JSON (H200) to compare with")
-    ap.add_argument("--out", help="also write the JSON lines to DIR/kernel_static.jsonl (atomic)")
+    ap.add_argument("--out", help="also write the JSON lines to this file (atomic)")
+    ap.add_argument("--md", help="also write a markdown table of the rows to this file")
     a = ap.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the real compiler, not the interpreter
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default (3.9 warns when unset)
     names = a.kernels.split(",")
     unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
     if unknown:
@@ -376,12 +415,11 @@ def main(argv=None) -> int:
     if not lines:
         print("kernel_static: warning: no (kernel, bits, tokens, shape) selected; try --all-tokens", file=sys.stderr)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        dst = os.path.join(a.out, "kernel_static.jsonl")
-        tmp = dst + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("".join(x + "\n" for x in lines))
-        os.replace(tmp, dst)
+        _write(a.out, "".join(x + "\n" for x in lines))
+    if a.md:
+        _write(a.md, markdown([json.loads(x) for x in lines]))
+    if bench:
+        _summary([json.loads(x) for x in lines])
     print(f"kernel_static: {len(lines)} rows, {len(cache)} compilations, {time.time() - t0:.0f} s",
           file=sys.stderr)
     return 0
