@@ -438,7 +438,8 @@ def analyze_kernel(fn, args: dict, num_warps: int, num_stages: int, roles: dict,
         lp = {"start": hex(sass[sp[0]].addr), "end": hex(sass[sp[1]].addr), "instr": d["instr"],
                   "weight_bytes_per_warp": wb, "tensor_bytes_per_warp": {n: d["per_tensor"][n]["bytes"] for n in mine},
                   "b128": sum(d["per_tensor"][n]["b128"] for n in mine),
-                  "exposures": round(exposures(sass, sp, loads), 3) if wb else 0.0}
+                  # a kernel without loops is one pass per program: nothing carries over between passes
+                  "exposures": round(exposures(sass, sp, loads, passes=4 if real else 1), 3) if wb else 0.0}
         out_loops.append(lp)
         if sp == main_key:
             main = lp
