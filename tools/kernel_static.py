@@ -29,6 +29,10 @@ Residency: the busiest SM runs ceil(programs / 132) programs, at most as many at
 (64 K per SM), shared memory (227 KiB) and 64 warps allow. Loads of small tables every program reads
 (x, gchunk, perm, bias) are taken as cache hits (no exposure, not in the bytes).
 ``--calibrate kernel.json`` adds the measured time of the same case and the ratio measured/predicted.
+
+Adding a kernel: one ``Variant`` row in ``VARIANTS`` and, next to it, its launch function (Case -> Launch:
+every kernel parameter as ``Ptr(dtype, bytes)``, int or constexpr value, the grid, warps and stages,
+how often the call reads each weight byte) and the roles of its pointers. Nothing else changes.
 """
 from __future__ import annotations
 
@@ -304,6 +308,23 @@ def markdown(rows: list) -> str:
     return head + "".join("| " + " | ".join(cell(r.get(k)) for k, _ in MD_COLUMNS) + " |\n" for r in rows)
 
 
+def _row(v: Variant, fn, c: Case, launch: Launch, st: dict, bench_row, triton_version: str) -> dict:
+    """One JSON line: the case, the compiled kernel's statistics, the model and (optionally) the device."""
+    pred = predict(c, launch, st)
+    main = st["main"]
+    return {"kernel": v.name, "bits": c.bits, "tokens": c.tokens, "shape": f"{c.K}x{c.N}", "group": c.group,
+            "k": c.k, "routed": v.routed(c.tokens), "triton": triton_version, "ptxas": st["ptxas"],
+            "constexprs": {p.name: launch.args[p.name] for p in fn.params if p.is_constexpr},
+            "num_warps": launch.num_warps, "num_stages": launch.num_stages, "grid": list(launch.grid),
+            "registers": st["registers"], "spills": st["spill_stores"] + st["spill_loads"],
+            "shared_bytes": st["shared_bytes"], "cp_async": st["cp_async"],
+            "weight_ldg_128_share": st["weight_128_share"], "main_weight_ldg_128_share": st["main_weight_128_share"],
+            "x_ldg_vector_share": st["x_vector_share"], "load_widths": st["load_widths"],
+            "main_loop_instr": main["instr"] if main else None,
+            "exposures_per_iter": main["exposures"] if main else None,
+            **pred, **calibrate(v, c, bench_row, pred)}
+
+
 def _write(path: str, text: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -378,7 +399,7 @@ def main(argv=None) -> int:
         import triton
     except ImportError:
         _die("triton is not installed")
-    lines, cache, t0 = [], {}, time.time()
+    lines, cache, failed, warned, t0 = [], {}, [], set(), time.time()
     for v in (v for v in VARIANTS if v.name in names):
         mod = _kmod(v.module)
         fn = getattr(mod, v.kernel)
@@ -393,23 +414,16 @@ def main(argv=None) -> int:
                         st = analyze_kernel(fn, launch.args, launch.num_warps, launch.num_stages, v.roles, cache)
                     except KernelSpecError as e:
                         _die(f"{v.name}: {e}")
-                    pred = predict(c, launch, st)
-                    row = dict(kernel=v.name, bits=bits, tokens=t, shape=f"{K}x{N}", group=c.group, k=c.k,
-                               routed=v.routed(t), triton=triton.__version__, ptxas=st["ptxas"],
-                               constexprs={p.name: launch.args[p.name] for p in fn.params if p.is_constexpr},
-                               num_warps=launch.num_warps, num_stages=launch.num_stages, grid=list(launch.grid),
-                               registers=st["registers"], spills=st["spill_stores"] + st["spill_loads"],
-                               shared_bytes=st["shared_bytes"], cp_async=st["cp_async"],
-                               weight_ldg_128_share=st["weight_128_share"],
-                               main_weight_ldg_128_share=st["main_weight_128_share"],
-                               x_ldg_vector_share=st["x_vector_share"], load_widths=st["load_widths"],
-                               main_loop_instr=st["main"]["instr"] if st["main"] else None,
-                               exposures_per_iter=st["main"]["exposures"] if st["main"] else None,
-                               **pred, **calibrate(v, c, bench.get((K, N, bits, t)), pred))
-                    if st["unattributed"]:
+                    except Exception as e:  # noqa: BLE001  (a compile or tool failure: report, go on)
+                        failed.append(f"{v.name} {bits}-bit {t} tokens {K}x{N}")
+                        print(f"kernel_static: error: {failed[-1]}: {type(e).__name__}: {str(e)[:500]}",
+                              file=sys.stderr)
+                        continue
+                    if st["unattributed"] and id(st) not in warned:  # once per compiled kernel
+                        warned.add(id(st))
                         print(f"kernel_static: warning: {v.name}: {st['unattributed']} global loads not tied to one "
                               "pointer of the variant's roles (role 'other', left out of the model)", file=sys.stderr)
-                    line = json.dumps(row)
+                    line = json.dumps(_row(v, fn, c, launch, st, bench.get((K, N, bits, t)), triton.__version__))
                     print(line, flush=True)
                     lines.append(line)
     if not lines:
@@ -422,6 +436,9 @@ def main(argv=None) -> int:
         _summary([json.loads(x) for x in lines])
     print(f"kernel_static: {len(lines)} rows, {len(cache)} compilations, {time.time() - t0:.0f} s",
           file=sys.stderr)
+    if failed:
+        print(f"kernel_static: {len(failed)} case(s) failed, no row for them: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -178,3 +178,17 @@ def test_model_is_memory_bound_when_bytes_dominate():
     assert p["bound"] == "mem" and p["programs_per_sm"] == 8.0
     t_mem = c.read_bytes() / kst.COPY_BW
     assert p["predicted_bw_share"] == pytest.approx(t_mem / (t_mem + kst.LAUNCH_S), abs=1e-3)
+
+
+def test_calibration_compares_the_whole_path():
+    c = kst.Case(4096, 4096, 4, 16)
+    row = {"us_fp16": 14.0, "us_triton_dequant": 28.0, "us_triton_gemv": 70.0, "copy_bw_GBs": 4000.0}
+    deq = next(v for v in kst.VARIANTS if v.name == "dequant")
+    out = kst.calibrate(deq, c, row, {"predicted_us": 10.0})
+    assert out["predicted_path_us"] == 24.0 and out["measured_over_predicted"] == pytest.approx(28 / 24, abs=0.01)
+    assert "measured_bw_share" not in out  # the pass was not timed alone
+    gemv = next(v for v in kst.VARIANTS if v.name == "gemv")
+    out = kst.calibrate(gemv, c, row, {"predicted_us": 35.0})
+    assert out["measured_over_predicted"] == 2.0 and out["measured_x_fp16"] == 0.2
+    assert out["measured_bw_share"] == pytest.approx(c.read_bytes() / 70e-6 / 4e12, abs=1e-3)
+    assert kst.calibrate(gemv, c, None, {"predicted_us": 35.0}) == {}
