@@ -122,10 +122,12 @@ class Variant:
     name: str
     module: str                       # under gift_quant.kernels
     kernel: str                       # the @triton.jit function
-    launch: Callable[[object, Case], Launch]   # (module, case) -> the dispatcher's launch
+    launch: Callable[..., Launch]     # (module, case, config=None) -> the dispatcher's launch (config: a
+                                      # tile override, as in tools/bench_kernel.py's sweep)
     routed: Callable[[int], bool]     # token counts the dispatcher sends here (default settings)
     roles: dict                       # pointer parameter -> weight | meta | cached | x (loads from others: 'other')
     bench_key: str | None = None      # field of tools/bench_kernel.py's JSON row with this path's time
+    swept: bool = False               # bench_kernel's tile sweep (its "sweep" rows) times this kernel
     plus_fp16: bool = False           # the path also runs the fp16 GEMM (dequant + cuBLAS)
     note: str = ""
     extra: dict = field(default_factory=dict)
@@ -155,17 +157,17 @@ def _mixed_ints(c: Case) -> dict:
             "stride_xm": c.K, "stride_ym": c.N}
 
 
-def _gemv(tm, c: Case) -> Launch:
+def _gemv(tm, c: Case, config: dict | None = None) -> Launch:
     """mixed_linear(path='gemv'): grid (Np / BN, tokens), each program walks all of K."""
-    cfg = tm.gemv_config(c.tokens, c.N, c.chunks)
+    cfg = {**tm.gemv_config(c.tokens, c.N, c.chunks), **(config or {})}
     args = {**_mixed_ptrs(c, c.layout_bytes()["y"]), **_mixed_ints(c),
             "BITS": c.bits, "W": cfg["W"], "BN": cfg["BN"], "IDENTITY": True, "HAS_BIAS": False}
     return Launch(args, (math.ceil(c.Np / cfg["BN"]), c.tokens), cfg["num_warps"], weight_reads=c.tokens)
 
 
-def _gemm(tm, c: Case) -> Launch:
+def _gemm(tm, c: Case, config: dict | None = None) -> Launch:
     """mixed_linear(path='gemm'): grid (tokens / BM, Np / BN)."""
-    cfg = tm.gemm_config(c.tokens, c.N)
+    cfg = {**tm.gemm_config(c.tokens, c.N), **(config or {})}
     args = {**_mixed_ptrs(c, c.layout_bytes()["y"]), **_mixed_ints(c), "BITS": c.bits, "BM": cfg["BM"],
             "BK": cfg["BK"], "BN": cfg["BN"], "IDENTITY": True, "HAS_BIAS": False, "IEEE": False}
     grid = (math.ceil(c.tokens / cfg["BM"]), math.ceil(c.Np / cfg["BN"]))
@@ -175,9 +177,9 @@ def _gemm(tm, c: Case) -> Launch:
     return Launch(args, grid, cfg["num_warps"], weight_reads=grid[0], reload=reload)
 
 
-def _dequant(tm, c: Case) -> Launch:
+def _dequant(tm, c: Case, config: dict | None = None) -> Launch:
     """dequantize_t: grid (C / W, Np / BN) with W = 4, BN = 128 (fixed in the source), 4 warps; writes W^T."""
-    W, BN = 4, 128
+    W, BN = (config or {}).get("W", 4), (config or {}).get("BN", 128)
     b = c.layout_bytes()
     args = {"qw_ptr": Ptr("i32", b["qweight"]), "perm_ptr": Ptr("i32", b["perm"]), "gch_ptr": Ptr("i32", b["gchunk"]),
                 "s_ptr": Ptr("fp16", b["scales"]), "z_ptr": Ptr("u8", b["zeros"]), "w_ptr": Ptr("fp16", b["wt"]),
@@ -188,7 +190,7 @@ def _dequant(tm, c: Case) -> Launch:
 
 VARIANTS = [
     Variant("gemv", "triton_mixed", "_gemv_kernel", _gemv, lambda t: t <= _gemv_max_tokens(), _MIXED_ROLES,
-            bench_key="us_triton_gemv", note="decode GEMV (default up to GIFT_QUANT_GEMV_MAX_TOKENS)"),
+            bench_key="us_triton_gemv", swept=True, note="decode GEMV (default up to GIFT_QUANT_GEMV_MAX_TOKENS)"),
     Variant("dequant", "triton_mixed", "_dequant_kernel", _dequant, lambda t: t > _gemv_max_tokens(),
             _MIXED_ROLES, bench_key="us_triton_dequant", plus_fp16=True,
             note="prefill default: W^T written once, then the fp16 GEMM"),
@@ -268,12 +270,14 @@ def predict(c: Case, launch: Launch, st: dict) -> dict:
                 "predicted_bw_share": round(nbytes / COPY_BW / t, 3)}
 
 
-def load_bench(path: str) -> dict:
-    """(K, N, bits, batch) -> row of a tools/bench_kernel.py JSON file (with the run's copy bandwidth)."""
+def load_bench(path: str):
+    """({(K, N, bits, batch): row}, sweep rows) of a tools/bench_kernel.py JSON file (rows carry the run's
+    copy bandwidth; sweep rows: the GEMV at 1 token with other tiles)."""
     with open(path) as f:
         d = json.load(f)
     bw = d["meta"].get("copy_bw_GBs")
-    return {(r["K"], r["N"], r["bits"], r["batch"]): {**r, "copy_bw_GBs": bw} for r in d["rows"]}
+    rows = {(r["K"], r["N"], r["bits"], r["batch"]): {**r, "copy_bw_GBs": bw} for r in d["rows"]}
+    return rows, d.get("sweep") or []
 
 
 def calibrate(v: Variant, c: Case, row: dict | None, pred: dict) -> dict:
@@ -323,6 +327,34 @@ def _row(v: Variant, fn, c: Case, launch: Launch, st: dict, bench_row, triton_ve
             "main_loop_instr": main["instr"] if main else None,
             "exposures_per_iter": main["exposures"] if main else None,
             **pred, **calibrate(v, c, bench_row, pred)}
+
+
+def _sweep(a, names, sweep, bench, shapes, bitss, cache, triton_version) -> list:
+    """The model on each tile of bench_kernel's sweep; says how often it ranks the measured-best tile first."""
+    out = []
+    for v in (v for v in VARIANTS if v.name in names and v.swept):
+        mod = _kmod(v.module)
+        fn = getattr(mod, v.kernel)
+        for e in sweep:
+            if (e["K"], e["N"]) not in shapes or e["bits"] not in bitss:
+                continue
+            c = Case(e["K"], e["N"], e["bits"], 1)
+            launch = v.launch(mod, c, e["config"])
+            st = analyze_kernel(fn, launch.args, launch.num_warps, launch.num_stages, v.roles, cache)
+            base = bench.get((c.K, c.N, c.bits, 1), {})
+            row = {**base, v.bench_key: e["us"]} if base else None
+            r = {"sweep_config": e["config"], **_row(v, fn, c, launch, st, row, triton_version)}
+            print(json.dumps(r), flush=True)
+            out.append(r)
+        best = {}
+        for r in out:
+            best.setdefault((r["shape"], r["bits"]), []).append(r)
+        hits = sum(min(g, key=lambda r: r["predicted_us"]) is min(g, key=lambda r: r["measured_us"])
+                   for g in best.values() if all("measured_us" in r for r in g))
+        print(f"kernel_static: sweep: the model ranks the measured-fastest tile first in {hits} of {len(best)} "
+              f"(shape, bits) cases", file=sys.stderr)
+        _summary([{**r, "kernel": r["kernel"] + " sweep"} for r in out])
+    return out
 
 
 def _write(path: str, text: str):
@@ -375,6 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", help="a tools/bench_kernel.py JSON (H200) to compare with")
     ap.add_argument("--out", help="also write the JSON lines to this file (atomic)")
     ap.add_argument("--md", help="also write a markdown table of the rows to this file")
+    ap.add_argument("--sweep-out", help="also model the --calibrate file's tile sweep (GEMV tiles at 1 token) and "
+                                        "write those rows to this file")
     a = ap.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: the real compiler, not the interpreter
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default (3.9 warns when unset)
@@ -389,10 +423,12 @@ def main(argv=None) -> int:
     shapes = _parse_list(a.shapes, _shape, "shapes")
     if any(t < 1 for t in tokens) or any(k < 1 or n < 1 for k, n in shapes):
         _die("--tokens and --shapes must be positive")
-    bench = {}
+    bench, sweep = {}, []
+    if a.sweep_out and not a.calibrate:
+        _die("--sweep-out needs --calibrate (the sweep comes from that file)")
     if a.calibrate:
         try:
-            bench = load_bench(a.calibrate)
+            bench, sweep = load_bench(a.calibrate)
         except (OSError, ValueError, KeyError) as e:
             _die(f"--calibrate {a.calibrate}: {e}")
     try:
@@ -426,6 +462,9 @@ def main(argv=None) -> int:
                     line = json.dumps(_row(v, fn, c, launch, st, bench.get((K, N, bits, t)), triton.__version__))
                     print(line, flush=True)
                     lines.append(line)
+    if a.sweep_out:
+        swept = _sweep(a, names, sweep, bench, shapes, bitss, cache, triton.__version__)
+        _write(a.sweep_out, "".join(json.dumps(r) + "\n" for r in swept))
     if not lines:
         print("kernel_static: warning: no (kernel, bits, tokens, shape) selected; try --all-tokens", file=sys.stderr)
     if a.out:
