@@ -12,8 +12,8 @@ memory, load widths per role, the main loop's instructions per weight byte, prog
 predicted share of copy bandwidth.
 
 The model (per call; constants below; stated also in docs/kernel_notes.md):
-- ``t_mem``   = bytes / 4.2 TB/s: the layer's bytes (packed base, scales, zeros, FP16 columns, as in
-  tools/bench_kernel.py) at the H200's measured copy bandwidth (read + write);
+- ``t_mem``   = bytes / 4.2 TB/s: the layer's bytes (packed base, scales, zeros, FP16 columns, x, y, as
+  in tools/bench_kernel.py) at the H200's measured copy bandwidth (read + write);
 - ``t_issue`` = warp-instructions of the busiest SM / (1.0e12 / 132 per s), scaled down when it holds
   fewer than 4 warps (one per scheduler). Instructions per program: each loop's SASS body times its
   iterations (weight bytes the program loads / weight bytes per iteration), plus the code outside
@@ -26,8 +26,8 @@ The model (per call; constants below; stated also in docs/kernel_notes.md):
 - ``t = 2 us launch + max(t_mem, t_issue, t_lat)``; ``predicted_bw_share = (bytes / 4.2 TB/s) / t``,
   the quantity tools/bench_kernel.py reports as "% copy bw".
 Residency: the busiest SM runs ceil(programs / 132) programs, at most as many at once as registers
-(64 K per SM), shared memory (227 KiB) and 64 warps allow. Loads of small tables every program reads
-(x, gchunk, perm, bias) are taken as cache hits (no exposure, not in the bytes).
+(64 K per SM), shared memory (227 KiB) and 64 warps allow. Waits on loads of what every program reads
+(x, gchunk, perm, bias) are taken as cache hits: no exposure.
 ``--calibrate kernel.json`` adds the measured time of the same case and the ratio measured/predicted.
 
 Adding a kernel: one ``Variant`` row in ``VARIANTS`` and, next to it, its launch function (Case -> Launch:
