@@ -2,13 +2,13 @@
 
 Importing the package registers the ``gift_sw`` quantization method with transformers.
 """
-__version__ = "0.1.0"
-
+from gift_quant.version import VERSION as __version__
 from gift_quant.config import GiftConfig  # noqa: E402
 from gift_quant.errors import GiftError  # noqa: E402
 from gift_quant.nn import MixedPrecisionLinear  # noqa: E402
 from gift_quant.integrations import transformers as _hf  # noqa: E402,F401  (registration side effect)
-from gift_quant.integrations.transformers import load_checkpoint, prepare_for_training  # noqa: E402
+from gift_quant.integrations.transformers import prepare_for_training  # noqa: E402
+from gift_quant.io.checkpoint import load_checkpoint  # noqa: E402
 from gift_quant.integrations.optimum import GiftQuantizer, load_quantized_model  # noqa: E402
 from gift_quant.compress.api import quantize_  # noqa: E402
 

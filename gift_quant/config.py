@@ -64,26 +64,26 @@ class GiftConfig(QuantizationConfigMixin):
     desc_act: bool = setting(True, "act-order: quantize columns by descending Hessian diagonal",
                              flag="--no-act-order")
     # the paper's k = 128 on LLaMA-7B (in = 4096) is 1/32 of the columns: the same share caps k on small models
-    n_salient: int = setting(128, "FP16 columns per Linear (0: plain GPTQ)", types=(int,), lo=0, nullable=True,
+    n_salient: int = setting(128, "FP16 columns per Linear (0: plain GPTQ)", lo=0, nullable=True,
                              flag="--salient")
-    salient_ratio: float = setting(1 / 32, "FP16 columns as a share of in_features", types=(float,), lo=0, hi=1,
+    salient_ratio: float = setting(1 / 32, "FP16 columns as a share of in_features", lo=0, hi=1,
                                    nullable=True, flag="--salient-ratio")
     metric: str = setting("gift", "salient-column metric: gift, owq, wanda or quik", check=_metric, flag="--metric")
-    metric_tau: str = setting(None, "norm over rows of D: 1, 2 or inf", types=(str, int, float), nullable=True,
+    metric_tau: str | int | float = setting(None, "norm over rows of D: 1, 2 or inf", nullable=True,
                               check=_norm, flag="--metric-tau")
-    metric_rho: str = setting(None, "norm over tokens of X: 1, 2 or inf", types=(str, int, float), nullable=True,
+    metric_rho: str | int | float = setting(None, "norm over tokens of X: 1, 2 or inf", nullable=True,
                               check=_norm, flag="--metric-rho")
-    metric_gamma: float = setting(None, "power of the activation norm: 0.5, 1 or 2", types=(float,), nullable=True,
+    metric_gamma: float = setting(None, "power of the activation norm: 0.5, 1 or 2", nullable=True,
                                   choices=GAMMAS, flag="--metric-gamma")
-    metric_weight: str = setting(None, "D = W - Q(W) (error), W (raw), or 1 (none)", types=(str,), nullable=True,
+    metric_weight: str = setting(None, "D = W - Q(W) (error), W (raw), or 1 (none)", nullable=True,
                                  choices=WEIGHT_MODES, flag="--metric-weight")
     method: str = setting("gptq", "gptq or rtn", choices=METHODS, flag="--method")
     damp_percent: float = setting(0.01, "GPTQ damping, a share of the mean Hessian diagonal", lo=0, hi=1,
                                   lo_open=True, hi_open=True, flag="--damp-percent")
     block_size: int = setting(128, "GPTQ columns per lazy-update block", lo=1, flag="--block-size")
     mse_clip: bool = setting(True, "search the clipping range per row (MSE)", flag="--no-mse-clip")
-    # off by default: measured no gain with FP16 columns (3 bits: 40.96 -> 41.01) for 40% more time; it helps
-    # at k = 0 (BENCHMARKS.md, true-sequential A/B and the GPTQModel head-to-head)
+    # off by default: with FP16 columns it gains nothing for about 40% more time; it helps at k = 0
+    # (BENCHMARKS.md, true-sequential A/B and the GPTQModel head-to-head)
     true_sequential: bool = setting(False, "quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
                                            "quantized stages before it (as GPTQModel; slower)",
                                     flag="--true-sequential")
@@ -92,7 +92,7 @@ class GiftConfig(QuantizationConfigMixin):
                                                                        "after a dot) kept in float")
     dataset: Any = setting(None, "calibration text: bundled (default), generated (written by the model), "
                                  "a .txt/.jsonl/.json/.parquet file, a folder or a hub name; a+b takes an equal "
-                                 "share of the windows from each", types=(object,), flag="--dataset")
+                                 "share of the windows from each", flag="--dataset")
     calib_samples: int = setting(64, "calibration windows", lo=1, flag="--calib-samples")
     seq_len: int = setting(512, "tokens per calibration window", lo=1, flag="--seq-len")
     seed: int = setting(0, "seed of the calibration sample and of training", flag="--seed")
@@ -107,7 +107,7 @@ class GiftConfig(QuantizationConfigMixin):
                                    recipe=False)
     format: str = setting(FORMAT, "checkpoint format", check=_format, recipe=False)
     tokenizer: Any = setting(None, "quantize-on-load: a tokenizer or its path (default: the model's)",
-                             types=(object,), runtime=True, recipe=False)
+                             runtime=True, recipe=False)
     progress: bool = setting(False, "quantize-on-load: show progress bars", runtime=True, recipe=False)
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""How a setting is declared: once, as a dataclass field with its type, default, range and help.
+"""How a setting is declared: once, as a dataclass field with its type (the annotation), default, range and
+help.
 
 ``GiftConfig`` (compression) and ``TrainSettings`` (training) declare their fields with :func:`setting`;
 :func:`validate` checks them, the recipe reader accepts exactly these names, and the CLI builds its flags
@@ -8,28 +9,48 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
 
 from gift_quant.errors import GiftError
 
 _NONE = type(None)
 
 
-def setting(default: Any, help: str, *, types: tuple = (), choices: tuple | None = None, lo: float | None = None,
+def setting(default: Any, help: str, *, choices: tuple | None = None, lo: float | None = None,
             hi: float | None = None, lo_open: bool = False, hi_open: bool = False, nullable: bool = False,
             flag: str | None = None, check: Callable[[Any], str | None] | None = None,
             runtime: bool = False, recipe: bool = True) -> Any:
-    """A dataclass field. ``flag``: its CLI option (None: no flag). ``runtime``: not saved with the config.
-    ``recipe``: accepted as a recipe YAML key. ``check`` returns an error message or None."""
-    meta = dict(help=help, types=types or (type(default),), choices=choices, lo=lo, hi=hi, lo_open=lo_open,
+    """A dataclass field; the types it accepts are its annotation's (``Any``: anything; ``a | b``: either).
+    ``flag``: its CLI option (None: no flag). ``runtime``: not saved with the config. ``recipe``: accepted as
+    a recipe YAML key. ``check`` returns an error message or None."""
+    meta = dict(help=help, types=None, choices=choices, lo=lo, hi=hi, lo_open=lo_open,
                 hi_open=hi_open, nullable=nullable, flag=flag, check=check, runtime=runtime, recipe=recipe)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _accepted(annotation) -> tuple:
+    """The classes an annotation admits: ``int`` -> (int,), ``str | int`` -> (str, int), ``Any`` -> (object,)."""
+    if annotation is Any:
+        return (object,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(annotation) if a is not _NONE for t in _accepted(a))
+    return (annotation,)
+
+
 def specs(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+    """The settings of ``cls`` by name; the first call fills each one's ``types`` from its annotation."""
+    out = {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+    for f in out.values():
+        if f.metadata["types"] is None:
+            ann = eval(f.type, vars(sys.modules[cls.__module__])) if isinstance(f.type, str) else f.type
+            f.metadata = types.MappingProxyType({**f.metadata, "types": _accepted(ann)})
+    return out
 
 
 def type_error(name: str, value, meta: dict) -> str | None:

@@ -71,3 +71,16 @@ def test_declared_range_is_enforced(cls, field, value):
 def test_command_line_value_errors_name_the_flag():
     with pytest.raises(GiftError, match="--steps must be >= 1"):
         load_recipe("post", {"steps": 0}, device="cpu")
+
+
+def test_accepted_types_are_the_annotations():
+    f = specs(GiftConfig)
+    assert f["metric_tau"].metadata["types"] == (str, int, float) and f["n_salient"].metadata["types"] == (int,)
+    assert f["dataset"].metadata["types"] == (object,)  # Any
+    for cls in (GiftConfig, TrainSettings):
+        for name, spec in specs(cls).items():
+            ann = spec.type.split(" | ")
+            assert [t.__name__ for t in spec.metadata["types"]] == (["object"] if ann == ["Any"] else ann), name
+    assert GiftConfig(metric_tau=2).metric_tau == "2"
+    with pytest.raises(GiftError, match=r"metric_tau: must be str/int/float/null"):
+        GiftConfig(metric_tau=[2])

@@ -1,4 +1,4 @@
-"""Calibration samples from any dataset form the API accepts.
+"""Calibration samples from any dataset form the API accepts: :func:`calibration_tensor` is the one entry point.
 
 ``dataset`` accepts what ``optimum.gptq.GPTQQuantizer`` accepts, and a bit more:
 - a name (``"bundled"``, a local file/folder, a hub dataset) or None (the config's dataset, else bundled);
@@ -9,12 +9,15 @@
 """
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import torch
 
 from gift_quant.config import GiftConfig
 from gift_quant.errors import GiftError
+from gift_quant.io.data import calibration_samples, load_texts, texts_from_records, tokenize_stream, windows
 
 
 def _as_ids(item) -> torch.Tensor | None:
@@ -27,7 +30,7 @@ def _as_ids(item) -> torch.Tensor | None:
     return None
 
 
-def _token_samples(dataset, config: GiftConfig) -> torch.Tensor | None:
+def token_samples(dataset, config: GiftConfig) -> torch.Tensor | None:
     """Token-id inputs -> [n, L]; None when ``dataset`` is not token ids."""
     if torch.is_tensor(dataset):
         if dataset.dim() == 1:
@@ -53,9 +56,8 @@ def _token_samples(dataset, config: GiftConfig) -> torch.Tensor | None:
 
 
 def _text_samples(texts: list[str], tokenizer, config: GiftConfig) -> torch.Tensor:
-    """Windows from a user-given list of texts: fewer than asked is a warning, not an error (named
-    sources go through :func:`gift_quant.io.data.calibration_windows`, where it is an error)."""
-    from gift_quant.io.data import calibration_samples, tokenize_stream, windows
+    """Windows from a user-given list of texts: fewer than asked is a warning, not an error (for named
+    sources, :func:`_named_samples`, it is an error)."""
     stream = tokenize_stream(texts, tokenizer)
     w = windows(stream, config.seq_len)
     if w.shape[0] >= config.calib_samples:
@@ -70,9 +72,42 @@ def _text_samples(texts: list[str], tokenizer, config: GiftConfig) -> torch.Tens
     return w
 
 
+def _parts(source) -> list:
+    """``a+b`` -> [a, b] unless a file of that name exists; None -> ['bundled']."""
+    if source in (None, "", "default"):
+        return ["bundled"]
+    if isinstance(source, str) and "+" in source and not Path(os.path.expanduser(source)).exists():
+        parts = [p.strip() for p in source.split("+")]
+        if not all(parts):
+            raise GiftError(f"calibration text {source!r}: an empty name around '+'")
+        return parts
+    return [source]
+
+
+def _named_samples(source, tokenizer, n_samples: int, seq_len: int, seed: int, model, progress: bool) -> torch.Tensor:
+    """``n_samples`` windows [n, seq_len] from a named source; ``a+b`` takes them evenly from each part (the
+    first parts get the remainder); ``generated`` has ``model`` write the text."""
+    parts = _parts(source)
+    out = []
+    for i, part in enumerate(parts):
+        n = n_samples // len(parts) + (i < n_samples % len(parts))
+        if n == 0:
+            continue
+        if part == "generated":
+            if model is None:
+                raise GiftError("calibration text 'generated' needs the model that writes it")
+            from gift_quant.io.generated import generated_texts
+            # ~15% margin: the text is re-tokenized after decoding, and every document adds an EOS
+            texts = generated_texts(model, tokenizer, int(n * seq_len * 1.15) + seq_len, seed=seed, progress=progress)
+        else:
+            texts = load_texts(part)
+        out.append(calibration_samples(texts, tokenizer, n, seq_len, seed, source=part if len(parts) > 1 else None))
+    return torch.cat(out)
+
+
 def calibration_tensor(dataset, tokenizer, config: GiftConfig, model=None, progress: bool = True) -> torch.Tensor:
     """Any accepted ``dataset`` form -> token windows [n, L]; ``model`` writes the ``generated`` text."""
-    toks = _token_samples(dataset, config)
+    toks = token_samples(dataset, config)
     if toks is not None:
         return toks
     if tokenizer is None:
@@ -83,13 +118,10 @@ def calibration_tensor(dataset, tokenizer, config: GiftConfig, model=None, progr
             raise GiftError("dataset: a list must hold strings, token-id tensors or dicts with input_ids")
         return _text_samples(list(dataset), tokenizer, config)
     if dataset is None or isinstance(dataset, str):
-        from gift_quant.io.data import calibration_windows
-        return calibration_windows(dataset, tokenizer, config.calib_samples, config.seq_len, config.seed, model=model,
-                                   progress=progress)
+        return _named_samples(dataset, tokenizer, config.calib_samples, config.seq_len, config.seed, model, progress)
     if hasattr(dataset, "column_names"):  # a datasets.Dataset
-        from gift_quant.io.data import _texts_from_records
         if "input_ids" in dataset.column_names and "text" not in dataset.column_names:
             return calibration_tensor(list(dataset["input_ids"]), None, config)
-        return _text_samples(_texts_from_records(dataset, None), tokenizer, config)
+        return _text_samples(texts_from_records(dataset, None), tokenizer, config)
     raise GiftError(f"dataset: unsupported type {type(dataset).__name__} (use a name, a list of strings, "
                     "token-id tensors or a datasets.Dataset)")

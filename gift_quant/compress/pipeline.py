@@ -7,7 +7,6 @@ ends here. The model stays on CPU; one decoder layer at a time moves to the comp
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -23,9 +22,6 @@ from gift_quant.core.gptq import gptq_quantize, layer_error, rtn_quantize
 from gift_quant.errors import GiftError
 from gift_quant.nn import MixedPrecisionLinear
 from gift_quant.nn.swap import set_module
-
-# called with the index of every finished (and saved) decoder layer; tests install a crash here
-LAYER_DONE_HOOKS: list[Callable[[int], None]] = []
 
 
 @torch.no_grad()
@@ -165,8 +161,6 @@ def compress_model(model, samples: torch.Tensor, config: GiftConfig, device=None
         if progress:
             rel = [m.rel_error for m in report.modules[-len(packed):]] or [0.0]
             bar.set_postfix(rel_err=f"{sum(rel) / len(rel):.4f}")
-        for hook in LAYER_DONE_HOOKS:
-            hook(li)
     config.salient_counts = counts
     model.config.quantization_config = config
     report.coverage = moe.coverage(layers, prefix, config)

@@ -10,7 +10,7 @@ sigma = Delta_{i,g(j)} / 2.
 - ``post`` (frozen GPTQ codes): Delta is the stored fp16 scale of each group, as packed.
 
 Why Delta/2 and not a row maximum over 2^(b-1)-1: the row maximum of asymmetric group codes is 1.2-2x
-the real step at 2 bits and the noise then drowns the signal (issue 13).
+the real step at 2 bits and the noise then drowns the signal.
 
 Kinds:
 - ``gaussian`` (the paper's): N(0, (Delta/2)^2).

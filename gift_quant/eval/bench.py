@@ -94,7 +94,7 @@ def run(path, baseline=None, batches=(1,), prompt_len=128, new_tokens=64, compil
         eval_windows: int = 0, progress: bool = True) -> list[dict]:
     from gift_quant.io.data import eval_windows as windows, load_texts
     from gift_quant.eval.perplexity import perplexity
-    from gift_quant.integrations.transformers import is_gift_checkpoint, load_checkpoint
+    from gift_quant.io.checkpoint import is_gift_checkpoint, load_checkpoint
     from gift_quant.io.model_io import load_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

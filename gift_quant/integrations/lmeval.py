@@ -15,7 +15,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    import gift_quant  # noqa: F401  (registration side effect)
+    import gift_quant.integrations.transformers  # noqa: F401  (registers gift_sw with transformers)
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:

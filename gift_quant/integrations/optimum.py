@@ -21,19 +21,19 @@ from gift_quant.config import QUANT_METHOD, GiftConfig
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
 
+
 class GiftQuantizer:
-    def __init__(self, bits: int = 4, dataset=None, group_size: int = 128, n_salient: int | None = 128,
-                 salient_ratio: float | None = 1 / 32, metric: str = "gift", recipe: str = "none",
-                 desc_act: bool = True, sym: bool = False, calib_samples: int = 64, seq_len: int = 512,
-                 **kwargs):
+    """``bits``, ``dataset`` and every keyword are :class:`GiftConfig` fields, with its defaults
+    (``group_size``, ``n_salient``, ``salient_ratio``, ``metric``, ``desc_act``, ``sym``, ``calib_samples``,
+    ``seq_len``, ...)."""
+
+    def __init__(self, bits: int = GiftConfig.bits, dataset=None, **kwargs):
+        recipe = kwargs.get("recipe", GiftConfig.recipe)
         if recipe != "none":  # training recipes need training data and steps: gift_quant.train.run_recipe
             raise GiftError(f"GiftQuantizer.recipe: {recipe!r} is not available through GiftQuantizer "
                             "(supported: none); train with the CLI (gift-quant compress --recipe)")
         self.dataset = dataset
-        self.config = GiftConfig(bits=bits, group_size=group_size, n_salient=n_salient, salient_ratio=salient_ratio,
-                                 metric=metric, recipe=recipe, desc_act=desc_act, sym=sym,
-                                 calib_samples=calib_samples, seq_len=seq_len,
-                                 dataset=dataset if isinstance(dataset, str) else None, **kwargs)
+        self.config = GiftConfig(bits=bits, dataset=dataset if isinstance(dataset, str) else None, **kwargs)
         self.report = None
 
     def to_dict(self) -> dict:
@@ -81,7 +81,7 @@ def load_quantized_model(model, save_dir, device_map=None, dtype=None, max_memor
     """
     from transformers import AutoModelForCausalLM
 
-    from gift_quant.integrations.transformers import is_gift_checkpoint
+    from gift_quant.io.checkpoint import is_gift_checkpoint
     p = Path(save_dir)
     if not (p / "config.json").is_file():
         raise GiftError(f"save_dir: {save_dir} is not a checkpoint folder (no config.json)")

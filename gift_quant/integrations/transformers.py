@@ -7,73 +7,17 @@ return random Linears; :func:`load_checkpoint` imports it for you.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 
 from gift_quant.config import QUANT_METHOD, GiftConfig
 from gift_quant.errors import GiftError
+# the checkpoint reader lives in io/; re-exported here, where users of the transformers path look for it
+from gift_quant.io.checkpoint import (check_against_checkpoint, checkpoint_shapes, is_gift_checkpoint,  # noqa: F401
+                                      load_checkpoint, replace_linears)
 from gift_quant.nn import MixedPrecisionLinear
-from gift_quant.nn.experts import split_fused_experts
-from gift_quant.nn.swap import swap_modules
-from gift_quant.core.packing import packed_len
-from gift_quant.core.quantizer import n_groups
-
-
-def expected_shapes(m: MixedPrecisionLinear) -> dict[str, tuple]:
-    G = n_groups(m.in_features, m.group_size)
-    d = {"qweight": (packed_len(m.in_features, m.bits), m.out_features),
-         "qzeros": (G, packed_len(m.out_features, m.bits)), "scales": (G, m.out_features),
-         "g_idx": (m.in_features,), "salient_idx": (m.n_salient,), "salient_weight": (m.out_features, m.n_salient)}
-    if m.bias is not None:
-        d["bias"] = (m.out_features,)
-    return d
-
-
-def _checkpoint_shapes(files) -> dict[str, tuple]:
-    from safetensors import safe_open
-    shapes = {}
-    for f in files or []:
-        if not str(f).endswith(".safetensors"):
-            raise GiftError(f"{f}: only safetensors checkpoints are read (no pickle)")
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    shapes[key] = tuple(sf.get_slice(key).get_shape())
-        except Exception as e:
-            raise GiftError(f"{Path(f).name}: unreadable or truncated safetensors file ({e})") from None
-    return shapes
-
-
-def replace_linears(model: nn.Module, config: GiftConfig, dtype=torch.float16) -> list[str]:
-    """Swap every Linear that ``config`` converts for an empty MixedPrecisionLinear (in place)."""
-    split_fused_experts(model, config.is_converted)  # MoE: fused experts -> one Linear per expert first
-
-    def empty(name, lin):
-        return MixedPrecisionLinear(lin.in_features, lin.out_features, config.bits, config.group_size,
-                                    config.salient_for(lin.in_features, name), bias=lin.bias is not None,
-                                    dtype=dtype, device=lin.weight.device)
-    return list(swap_modules(model, empty, (nn.Linear,), where=config.is_converted))
-
-
-def check_against_checkpoint(model: nn.Module, shapes: dict[str, tuple]):
-    """Every MixedPrecisionLinear must find each of its tensors, with the shape the config implies."""
-    for name, m in model.named_modules():
-        if not isinstance(m, MixedPrecisionLinear):
-            continue
-        for t, shape in expected_shapes(m).items():
-            key = f"{name}.{t}"
-            got = shapes.get(key)
-            if got is None:
-                raise GiftError(f"checkpoint disagrees with its config at {name}: tensor {t!r} is missing")
-            if got != shape:
-                raise GiftError(f"checkpoint disagrees with its config at {name}: {t} has shape {list(got)}, "
-                                f"config (bits={m.bits}, group_size={m.group_size}, k={m.n_salient}) implies {list(shape)}")
 
 
 def _register(mapping, register, cls):
@@ -103,7 +47,7 @@ class GiftHfQuantizer(HfQuantizer):
         replace_linears(model, self.quantization_config)
         files = kwargs.get("checkpoint_files")
         if files:
-            check_against_checkpoint(model, _checkpoint_shapes(files))
+            check_against_checkpoint(model, checkpoint_shapes(files))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -156,10 +100,10 @@ def quantize_loaded_model(model, config: GiftConfig):
     Runs after transformers loaded the float weights into ordinary Linears. Objects that cannot go
     into ``config.json`` (a tokenizer instance, an in-memory dataset) are dropped from the saved config.
     """
-    from gift_quant.compress.calibration import _token_samples
+    from gift_quant.compress.calibration import token_samples
     tok_field = config.tokenizer
     dataset = config.dataset
-    if _token_samples(dataset, config) is not None:
+    if token_samples(dataset, config) is not None:
         tok = None
     else:
         tok = _resolve_tokenizer(tok_field, model)
@@ -170,39 +114,6 @@ def quantize_loaded_model(model, config: GiftConfig):
     if dataset is not None and not isinstance(dataset, str):
         config.dataset = None
     return model
-
-
-def is_gift_checkpoint(path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return q.get("quant_method") == QUANT_METHOD
-
-
-def load_checkpoint(path, dtype=None, device=None):
-    """(model, tokenizer) of a gift checkpoint folder, with clear errors for anything that is not one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    p = Path(path)
-    if not p.is_dir():
-        raise GiftError(f"checkpoint folder not found: {path}")
-    if not (p / "config.json").is_file():
-        raise GiftError(f"{path} is not a checkpoint (no config.json)")
-    if not is_gift_checkpoint(p):
-        raise GiftError(f"{path} is not a gift-quant checkpoint (quantization_config.quant_method != {QUANT_METHOD!r})")
-    if not any(p.glob("*.safetensors")):
-        raise GiftError(f"{path} has no safetensors weights")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype or torch.float32, device_map=device)
-    except GiftError:
-        raise
-    except (OSError, RuntimeError, ValueError) as e:
-        raise GiftError(f"could not load {path}: {str(e).splitlines()[0]}") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError):
-        tok = None
-    return model.eval(), tok
 
 
 def prepare_for_training(model, train: str = "salient", dtype: torch.dtype = torch.float32):

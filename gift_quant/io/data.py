@@ -10,7 +10,8 @@ Built-in text ships with CPython, so everything works offline:
   (sorted, duplicates dropped). Never used for calibration or training; it follows the installed
   versions, so compare its perplexities only within one environment.
 - ``generated`` (calibration only): text the model being compressed writes itself, on general topics
-  (:mod:`gift_quant.io.generated`); it needs the model, so :func:`calibration_windows` reads it.
+  (:mod:`gift_quant.io.generated`); it needs the model, so the calibration entry point
+  (:func:`gift_quant.compress.calibration.calibration_tensor`) reads it.
 ``a+b`` (calibration) draws the windows evenly from each named source, e.g. ``bundled+generated``.
 Anything else is a local .txt / .jsonl / .json / .parquet file or folder read through ``datasets``, or a
 hub dataset name where a hub is reachable.
@@ -21,13 +22,14 @@ import html.parser
 import os
 import zlib
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
+from gift_quant.io.cache import cache_dir
 
-BUILTIN = ("bundled", "topics-heldout", "idle", "licenses", "generated")
 EVAL_DOMAINS = ("idle", "licenses")   # held-out evaluation domains the defaults never train or calibrate on
 _LICENSED_DISTS = ("accelerate", "datasets", "gguf", "numpy", "pyyaml", "safetensors", "tokenizers", "torch",
                    "tqdm", "transformers")
@@ -114,7 +116,8 @@ def _license_texts() -> list[str]:
     return out
 
 
-def _texts_from_records(ds, text_field: str | None) -> list[str]:
+def texts_from_records(ds, text_field: str | None) -> list[str]:
+    """The non-empty strings of a ``datasets.Dataset``'s text column (``text_field``, else text/content/document)."""
     cols = ds.column_names
     field = text_field or next((c for c in ("text", "content", "document") if c in cols), None)
     if field is None:
@@ -122,19 +125,31 @@ def _texts_from_records(ds, text_field: str | None) -> list[str]:
     return [t for t in ds[field] if isinstance(t, str) and t]
 
 
+def _not_a_text() -> list[str]:
+    raise GiftError("'generated' is text the model being compressed writes itself: it serves calibration "
+                    "(--dataset generated), not evaluation or training")
+
+
+# built-in text sources by name; the loaders look the functions up when called, so a patched one is used
+TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {
+    "bundled": lambda: _topics(heldout=False),
+    "topics-heldout": lambda: _topics(heldout=True),
+    "idle": lambda: _idle_docs(),
+    "licenses": lambda: _license_texts(),
+    "generated": _not_a_text,  # read by the calibration entry point, which has the model
+}
+BUILTIN = tuple(TEXT_SOURCES)
+
+
 def load_texts(source: str | None = None, split: str = "train", text_field: str | None = None) -> list[str]:
     """List of documents from a built-in name, a local file/folder, or a hub dataset name."""
-    if source in (None, "", "bundled", "default"):
-        return _topics(heldout=False)
-    if source == "topics-heldout":
-        return _topics(heldout=True)
-    if source == "idle":
-        return _idle_docs()
-    if source == "licenses":
-        return _license_texts()
-    if source == "generated":
-        raise GiftError("'generated' is text the model being compressed writes itself: it serves calibration "
-                        "(--dataset generated), not evaluation or training")
+    loader = TEXT_SOURCES.get("bundled" if source in (None, "", "default") else source)
+    if loader is not None:
+        return loader()
+    return _read_dataset(source, split, text_field)
+
+
+def _read_dataset(source: str, split: str, text_field: str | None) -> list[str]:
     path = Path(os.path.expanduser(source))
     if path.suffix in _FILE_KINDS and not path.exists():
         raise GiftError(f"dataset file not found: {source}")
@@ -160,7 +175,7 @@ def load_texts(source: str | None = None, split: str = "train", text_field: str 
         raise
     except Exception as e:  # hub unreachable, bad file, ...
         raise GiftError(f"could not load dataset {source!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return _texts_from_records(ds, text_field)
+    return texts_from_records(ds, text_field)
 
 
 def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
@@ -192,40 +207,6 @@ def calibration_samples(texts: list[str], tokenizer, n_samples: int, seq_len: in
     return w[idx]
 
 
-def _parts(source) -> list:
-    """``a+b`` -> [a, b] unless a file of that name exists; None -> ['bundled']."""
-    if source in (None, "", "default"):
-        return ["bundled"]
-    if isinstance(source, str) and "+" in source and not Path(os.path.expanduser(source)).exists():
-        parts = [p.strip() for p in source.split("+")]
-        if not all(parts):
-            raise GiftError(f"calibration text {source!r}: an empty name around '+'")
-        return parts
-    return [source]
-
-
-def calibration_windows(source, tokenizer, n_samples: int, seq_len: int, seed: int = 0, model=None,
-                        progress: bool = True) -> torch.Tensor:
-    """``n_samples`` calibration windows [n, seq_len] from ``source``; ``a+b`` takes them evenly from each
-    part (the first parts get the remainder); ``generated`` has ``model`` write the text."""
-    parts = _parts(source)
-    out = []
-    for i, part in enumerate(parts):
-        n = n_samples // len(parts) + (i < n_samples % len(parts))
-        if n == 0:
-            continue
-        if part == "generated":
-            if model is None:
-                raise GiftError("calibration text 'generated' needs the model that writes it")
-            from gift_quant.io.generated import generated_texts
-            # ~15% margin: the text is re-tokenized after decoding, and every document adds an EOS
-            texts = generated_texts(model, tokenizer, int(n * seq_len * 1.15) + seq_len, seed=seed, progress=progress)
-        else:
-            texts = load_texts(part)
-        out.append(calibration_samples(texts, tokenizer, n, seq_len, seed, source=part if len(parts) > 1 else None))
-    return torch.cat(out)
-
-
 def eval_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | None) -> torch.Tensor:
     """The first ``max_windows`` consecutive windows (deterministic, comparable across runs)."""
     w = windows(tokenize_stream(texts, tokenizer), seq_len)
@@ -239,12 +220,6 @@ def eval_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | N
 # (its held-out topics are 'topics-heldout'), tests, and third-party site-packages.
 _DOCSTRING_EXCLUDE = ("idlelib", "pydoc_data", "test", "tests", "site-packages", "dist-packages",
                       "lib2to3", "turtledemo", "__pycache__")
-TRAIN_SOURCES = ("train", "stdlib-docstrings")
-
-
-def cache_dir() -> Path:
-    """Where derived text is cached (``GIFT_QUANT_CACHE``, default ~/.cache/gift_quant)."""
-    return Path(os.environ.get("GIFT_QUANT_CACHE", Path.home() / ".cache" / "gift_quant"))
 
 
 def _stdlib_root() -> Path:
@@ -295,11 +270,17 @@ def stdlib_docstrings(min_chars: int = 200) -> list[str]:
     return docs
 
 
+TRAIN_TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {
+    "train": lambda: load_texts("bundled") + stdlib_docstrings(),
+    "stdlib-docstrings": lambda: stdlib_docstrings(),
+}
+TRAIN_SOURCES = tuple(TRAIN_TEXT_SOURCES)
+
+
 def load_train_texts(source: str | None = None, text_field: str | None = None) -> list[str]:
     """Training text: ``train`` (default) = the ``bundled`` topics split + stdlib docstrings;
     ``stdlib-docstrings`` alone; anything else as :func:`load_texts`."""
-    if source in (None, "", "train"):
-        return load_texts("bundled") + stdlib_docstrings()
-    if source == "stdlib-docstrings":
-        return stdlib_docstrings()
+    loader = TRAIN_TEXT_SOURCES.get("train" if source in (None, "") else source)
+    if loader is not None:
+        return loader()
     return load_texts(source, text_field=text_field)

@@ -1,7 +1,7 @@
 """Text the model writes itself: general calibration and training text with no corpus to ship.
 
 Why: the text that ships with CPython is Python documentation, and a model calibrated and trained on it
-alone loses more on other held-out domains than on ``idle`` (issue 13). An instruct model asked about
+alone loses more on other held-out domains than on ``idle``. An instruct model asked about
 everyday, scientific, historical and literary topics writes general English prose in its own
 distribution (the data-free idea of LLM-QAT). A model without a chat template starts from a random
 vocabulary token instead, as LLM-QAT does.
@@ -18,7 +18,7 @@ import torch
 
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import write_json
-from gift_quant.io.data import cache_dir
+from gift_quant.io.cache import cache_dir
 from gift_quant.io.model_io import model_key
 
 VERSION = 1  # bump when TOPICS, STYLES or the sampling below change: the cache key includes it

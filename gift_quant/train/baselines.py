@@ -116,7 +116,7 @@ def load_lora(path):
     import warnings
     from pathlib import Path
     from peft import LoraConfig, PeftModel
-    from gift_quant.integrations.transformers import load_checkpoint
+    from gift_quant.io.checkpoint import load_checkpoint
     base, tok = load_checkpoint(path)
     adir = Path(path) / "lora_adapter"
     if not adir.is_dir():

@@ -88,7 +88,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     ``work_dir`` holds resumable state (the compressed stage and training checkpoints); the caller
     removes it after a successful run.
     """
-    from gift_quant.io.data import calibration_windows
+    from gift_quant.compress.calibration import calibration_tensor
     from gift_quant.train.data import training_data
     method = METHODS[r.method]
     r = dataclasses.replace(r, config=copy.deepcopy(r.config), train=dataclasses.replace(r.train, progress=progress))
@@ -104,8 +104,7 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
         ids, _, val, _ = run.train_data
         run.log(f"gift-quant: training text {r.train.train_dataset}: {ids.shape[0]} windows of "
                 f"{r.train.train_seq_len} tokens" + (f" (+{val.shape[0]} held out)" if val is not None else ""))
-    run.samples = calibration_windows(cfg.dataset, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed, model=model,
-                                      progress=progress)
+    run.samples = calibration_tensor(cfg.dataset, tokenizer, cfg, model=model, progress=progress)
     freeze(model)
     if method.trains and r.train.loss == "kd":
         run.teacher = copy.deepcopy(model).eval()  # before prepare compresses or wraps the model

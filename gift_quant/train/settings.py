@@ -18,7 +18,7 @@ class TrainSettings:
                                           "a chat .jsonl with 'messages' (loss on assistant tokens)",
                                  flag="--train-dataset")
     train_seq_len: int = setting(256, "tokens per training window", lo=1, flag="--train-seq-len")
-    max_train_tokens: int = setting(None, "cap on the training text, in tokens (null: all)", types=(int,), lo=1,
+    max_train_tokens: int = setting(None, "cap on the training text, in tokens (null: all)", lo=1,
                                     nullable=True)
     batch_size: int = setting(4, "windows per micro-batch", lo=1, flag="--batch-size")
     grad_accum: int = setting(1, "micro-batches per optimizer step", lo=1, flag="--grad-accum")
@@ -28,7 +28,7 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "AdamW weight decay", lo=0)
     schedule: str = setting("linear", "learning rate after warmup (transformers' get_scheduler)",
                             choices=("linear", "cosine", "constant"))
-    max_grad_norm: float = setting(1.0, "gradient clipping norm (null: none)", types=(float,), lo=0, nullable=True)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (null: none)", lo=0, nullable=True)
     loss: str = setting("ce", "training objective: ce (next-token cross-entropy on the text) or kd (KL divergence "
                               "to the float model's next-token distribution on the same text; keeps a float copy "
                               "of the model while training)", choices=("ce", "kd"), flag="--loss")
@@ -38,14 +38,14 @@ class TrainSettings:
                                         "fp16 scale; the codes stay frozen, the checkpoint format is unchanged)",
                                  flag="--train-scales")
     scale_lr: float = setting(None, "AdamW learning rate of the scale factors (null: 10 x lr; at lr 1e-3 on 2 bits "
-                                    "1x did nothing and 30x was worse than 10x)", types=(float,), lo=0,
+                                    "1x did nothing and 30x was worse than 10x)", lo=0,
                               lo_open=True, nullable=True, flag="--scale-lr")
     noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
                          choices=NOISE_KINDS, flag="--noise")
-    noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)", types=(int,),
+    noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)",
                               choices=SUPPORTED_BITS, nullable=True)
     lora_rank: int = setting(None, "lora recipe: LoRA rank (null: GIFT's trainable-parameter count)",
-                             types=(int,), lo=1, nullable=True)
+                             lo=1, nullable=True)
     val_windows: int = setting(4, "held-out training windows for early stopping", lo=0)
     eval_every: int = setting(0, "held-out evaluation interval in steps (0: never)", lo=0)
     patience: int = setting(0, "evaluations without improvement before stopping (0: never)", lo=0)

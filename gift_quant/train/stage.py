@@ -36,7 +36,7 @@ def _save_stage(model, cfg, report, work_dir: Path, fp: str):
 def _load_stage(model, work_dir: Path, fp: str, recipe: str):
     from safetensors.torch import load_file
 
-    from gift_quant.integrations.transformers import replace_linears
+    from gift_quant.io.checkpoint import replace_linears
     meta_f = work_dir / STAGE_JSON
     if not meta_f.is_file() or not (work_dir / STAGE).is_file():
         return None

@@ -56,7 +56,7 @@ def test_rtn_and_plain_gptq(tiny_model_dir, tmp_path, capsys):
     (("--metric-tau", "3"), "tau"),
     (("--calib-samples", "100000"), "too little calibration text"),
     (("--group-size", "0"), "--group-size"),
-    # found trying the CLI as a new user (issue 11): each used to end in a traceback or a misleading message
+    # what a new user tries first: each must end in one clear line, not a traceback or a misleading message
     pytest.param(("--device", "cuda"), "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (("--device", "tpu"), "unknown device 'tpu'"),

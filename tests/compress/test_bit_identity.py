@@ -1,6 +1,6 @@
 """The one pipeline computes exactly the paper's steps: its first layer equals, bit for bit, what the core
-functions give when called by hand (the same input statistics, metric, top-k, GPTQ and packing). The
-redesign moved this code between files; this pins that it did not change the numbers."""
+functions give when called by hand (the same input statistics, metric, top-k, GPTQ and packing), so moving
+code between files cannot change the numbers unnoticed."""
 import copy
 
 import pytest

@@ -15,7 +15,7 @@ from gift_quant.compress import quantize_
 from gift_quant.compress.experts import coverage, fill_expert_stats
 from gift_quant.io.export import save_checkpoint
 from gift_quant.nn import GiftLinear, MixedPrecisionLinear
-from gift_quant.nn.experts import MixedPrecisionExperts, is_fused_experts, split_fused_experts
+from gift_quant.nn.experts import MixedPrecisionExperts, split_fused_experts
 from gift_quant.compress.layers import decoder_layers
 from gift_quant.core.saliency import ActivationStats
 
@@ -71,28 +71,6 @@ def _experts(model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_split_is_exact_and_detected(arch):
-    m = tiny_moe(arch)
-    x = torch.randint(0, 128, (2, 12))
-    with torch.no_grad():
-        ref = m(x).logits
-        names = split_fused_experts(m)
-        assert len(names) == MOE_LAYERS[arch] and all(n.endswith("mlp.experts") for n in names)
-        assert torch.equal(m(x).logits, ref)
-    assert not any(is_fused_experts(mod) for mod in m.modules())
-
-
-def test_unsupported_layouts_are_not_detected():
-    import transformers as tf
-    cfg = tf.GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
-                          head_dim=16, layer_types=["full_attention"])
-    m = tf.GptOssForCausalLM(cfg)
-    assert not is_fused_experts(m.model.layers[0].mlp.experts)  # transposed, with bias
-    assert split_fused_experts(m) == []
-
-
-@pytest.mark.parametrize("arch", ARCHS)
 def test_every_expert_converted_close_to_fp_and_exact_reload(arch, tmp_path):
     """4 bits: every expert packed, logits as close to FP as a dense tiny Llama's; the saved checkpoint
     reloads bit-exactly with from_pretrained and generates."""
@@ -132,7 +110,7 @@ def test_every_expert_converted_close_to_fp_and_exact_reload(arch, tmp_path):
     assert len(_experts(m2)) == MOE_LAYERS[arch]
     with torch.no_grad():
         assert torch.equal(m2(x).logits, q)
-    assert m2.generate(x[:1], max_new_tokens=5, do_sample=False).shape == (1, 21)
+    assert m2.generate(x[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False).shape == (1, 21)
 
 
 def test_stats_come_from_routed_tokens_only():

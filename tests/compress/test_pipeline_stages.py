@@ -62,7 +62,7 @@ def test_cli_flag_sets_true_sequential_and_default_is_off():
 
 
 def test_every_compression_flag_reaches_a_training_recipe():
-    """One config: the flags a training recipe used to refuse (metric norms, staging) now reach its GiftConfig."""
+    """One config: the metric-norm and staging flags reach a training recipe's GiftConfig."""
     c = _recipe_from_cli("--recipe", "post", "--true-sequential", "--metric-tau", "2", "--metric-rho", "1",
                          "--metric-gamma", "0.5", "--metric-weight", "raw", "--damp-percent", "0.05").config
     assert (c.true_sequential, c.metric_tau, c.metric_rho, c.metric_gamma, c.metric_weight, c.damp_percent) == \

@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 
 import gift_quant
 from gift_quant import GiftConfig, GiftError, GiftQuantizer, load_quantized_model
-from gift_quant.compress.calibration import calibration_tensor
 from gift_quant.nn import MixedPrecisionLinear
 from tests.conftest import char_tokenizer, tiny_llama
 
@@ -69,23 +68,10 @@ def test_load_quantized_model_optimum_signature(quantized):
         load_quantized_model(other, d)
 
 
-def test_dataset_forms():
-    cfg = GiftConfig(calib_samples=2, seq_len=16)
-    tok = char_tokenizer()
-    t = calibration_tensor([torch.arange(20), torch.arange(20)], None, cfg)
-    assert t.shape == (2, 16)
-    assert calibration_tensor([{"input_ids": list(range(10))}] * 3, None, cfg).shape == (3, 10)
-    assert calibration_tensor(torch.ones(4, 40, dtype=torch.long), None, cfg).shape == (4, 16)
-    assert calibration_tensor(TEXTS, tok, cfg).shape == (2, 16)
-    from datasets import Dataset
-    assert calibration_tensor(Dataset.from_dict({"text": TEXTS}), tok, cfg).shape == (2, 16)
-    assert calibration_tensor("bundled", tok, cfg).shape == (2, 16)
-    with pytest.raises(GiftError, match="tokenizer"):
-        calibration_tensor(TEXTS, None, cfg)
-    with pytest.raises(GiftError, match="dataset"):
-        calibration_tensor(3.5, tok, cfg)
-    with pytest.raises(GiftError, match="dataset"):
-        calibration_tensor(["text", torch.arange(3)], tok, cfg)
+def test_giftquantizer_defaults_are_giftconfigs():
+    assert GiftQuantizer().config.to_dict() == GiftConfig().to_dict()
+    q = GiftQuantizer(3, "bundled", n_salient=8)
+    assert q.config.to_dict() == GiftConfig(bits=3, dataset="bundled", n_salient=8).to_dict()
 
 
 def test_quantize_on_load_then_round_trip(tiny_model_dir, tmp_path):

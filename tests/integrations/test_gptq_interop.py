@@ -189,7 +189,8 @@ def test_gptqmodel_quantized_checkpoint_imports(tmp_path, tiny_model_dir, bits, 
     gm.quantize(calib, batch_size=4)
     gm.save(str(tmp_path / "g"))
     s = import_gptq(tmp_path / "g", tmp_path / "imp")
-    assert s["zero_format"] == "v1" and s["quantizer"] == ["gptqmodel:7.7.0"] or s["zero_format"] == "v1"
+    assert s["zero_format"] == "v1"
+    assert any(q.startswith("gptqmodel:") for q in s["quantizer"]), s["quantizer"]  # the writer, as recorded
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "imp")
     theirs = GPTQModel.load(str(tmp_path / "g"), device="cpu", backend=BACKEND.TORCH)
     x = torch.randint(2, 90, (2, 16))

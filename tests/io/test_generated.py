@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from gift_quant.errors import GiftError
-from gift_quant.io import data, generated
+from gift_quant.io import generated
 from tests.conftest import char_tokenizer, tiny_llama
 
 
@@ -45,24 +44,3 @@ def test_topics_avoid_the_evaluation_domains():
     words = ("python", "idle", "license", "licence", "copyright", "software", "legal", "law")
     for t in generated.TOPICS + generated.STYLES:
         assert not any(w in t.lower().split() for w in words), t
-
-
-def test_mixed_calibration_takes_equal_shares(cache):
-    model, tok = tiny_llama(seed=3, vocab=128), char_tokenizer()
-    model.generation_config.eos_token_id = None
-    w = data.calibration_windows("bundled+generated", tok, 5, 32, seed=0, model=model, progress=False)
-    assert w.shape == (5, 32)
-    bundled = data.calibration_samples(data.load_texts("bundled"), tok, 3, 32, seed=0)
-    assert torch.equal(w[:3], bundled)  # the first part gets the remainder
-    gen = data.calibration_windows("generated", tok, 2, 32, seed=0, model=model, progress=False)
-    assert torch.equal(w[3:], gen)
-
-
-def test_generated_needs_the_model():
-    tok = char_tokenizer()
-    with pytest.raises(GiftError, match="needs the model"):
-        data.calibration_windows("generated", tok, 2, 32)
-    with pytest.raises(GiftError, match="calibration"):
-        data.load_texts("generated")
-    with pytest.raises(GiftError, match="empty name"):
-        data.calibration_windows("bundled+", tok, 2, 32)

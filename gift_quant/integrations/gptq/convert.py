@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from gift_quant import __version__
 from gift_quant.config import QUANT_METHOD
 from gift_quant.errors import GiftError
-from gift_quant.integrations.gptq.detect import (SIDECAR, _linear_names, _load_all, _Module, check_gptq_config,
+from gift_quant.integrations.gptq.detect import (SIDECAR, linear_names, load_tensors, GptqModule, check_gptq_config,
                                                  detect_zero_format, read_gptq_config)
 from gift_quant.core.packing import packed_len
 from gift_quant.integrations.gptq.layout import gptq_words, to_gift_words, to_gptq_words, v1_to_v2_qzeros
+from gift_quant.version import VERSION
 
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -39,16 +39,16 @@ def import_gptq(src, dst, zero_format: str = "auto", overwrite: bool = False) ->
     info = check_gptq_config(q)
     bits, gs = info["bits"], info["group_size"]
     config_dict = json.loads((src / "config.json").read_text())
-    tensors = _load_all(src)
+    tensors = load_tensors(src)
     qnames = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not qnames:
         raise GiftError(f"{src}: no '*.qweight' tensors: not a GPTQ checkpoint")
-    modules = [_Module(n, tensors, bits, gs) for n in qnames]
+    modules = [GptqModule(n, tensors, bits, gs) for n in qnames]
     if zero_format == "auto":
         zf, evidence = detect_zero_format(modules, bits, info["sym"], info["label"])
     else:
         zf, evidence = zero_format, "given by the caller"
-    linear = _linear_names(config_dict)
+    linear = linear_names(config_dict)
     unknown = [n for n in qnames if n not in linear]
     if unknown:
         raise GiftError(f"GPTQ import: {unknown[0]}: quantized tensors for a module that is not a Linear of "
@@ -102,14 +102,14 @@ def export_gptq(src, dst, overwrite: bool = False) -> dict:
     them back with :func:`attach_salient` (any framework's Linear modules) or load the gift checkpoint.
     """
     from gift_quant.io.export import atomic_output_dir
-    from gift_quant.integrations.transformers import is_gift_checkpoint
+    from gift_quant.io.checkpoint import is_gift_checkpoint
     src = Path(src)
     if not is_gift_checkpoint(src):
         raise GiftError(f"{src} is not a gift-quant checkpoint (quantization_config.quant_method != {QUANT_METHOD!r})")
     config_dict = json.loads((src / "config.json").read_text())
     g = config_dict["quantization_config"]
     bits, gs = g["bits"], g["group_size"]
-    tensors = _load_all(src)
+    tensors = load_tensors(src)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     moe = [n for n in names if re.search(r"\.experts\.(gate_up_proj|down_proj)\.\d+$", n)]
     if moe:  # MoE hook: GPTQ loaders expect experts.<e>.gate_proj/up_proj/down_proj, not fused gate_up
@@ -142,7 +142,7 @@ def export_gptq(src, dst, overwrite: bool = False) -> dict:
     qc = {"quant_method": "gptq", "bits": bits, "group_size": gs, "desc_act": g.get("desc_act", False),
           "sym": g.get("sym", False), "checkpoint_format": "gptq_v2", "format": "gptq_v2",
           "pack_dtype": "int32", "lm_head": "lm_head" in names, "true_sequential": True,
-          "meta": {"quantizer": [f"gift-quant:{__version__}"], "gift_salient_sidecar": SIDECAR if side else None,
+          "meta": {"quantizer": [f"gift-quant:{VERSION}"], "gift_salient_sidecar": SIDECAR if side else None,
                    "gift_salient_columns": k_total}}
     config_dict["quantization_config"] = qc
     from safetensors.torch import save_file

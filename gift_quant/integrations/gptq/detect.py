@@ -103,7 +103,8 @@ def _st_files(path: Path) -> list[Path]:
     return files
 
 
-def _load_all(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint folder's safetensors files, by name."""
     from safetensors.torch import load_file
     out = {}
     for f in _st_files(path):
@@ -114,7 +115,7 @@ def _load_all(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _linear_names(config_dict: dict) -> dict[str, bool]:
+def linear_names(config_dict: dict) -> dict[str, bool]:
     """Linear module names of the architecture (built on meta) -> has bias."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "quantization_config"})
@@ -123,7 +124,9 @@ def _linear_names(config_dict: dict) -> dict[str, bool]:
     return {n: m.bias is not None for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-class _Module:
+class GptqModule:
+    """One quantized Linear of a GPTQ checkpoint, its tensors checked against ``bits`` and ``group_size``."""
+
     def __init__(self, name, t, bits, gs):
         self.name = name
         for k in ("qweight", "qzeros", "scales"):
@@ -169,7 +172,7 @@ class _Module:
         return bitstream_unpack(self.qzeros.t().contiguous(), self.bits, self.out_f).t()
 
 
-def detect_zero_format(modules: list[_Module], bits: int, sym: bool, label: str) -> tuple[str, str]:
+def detect_zero_format(modules: list[GptqModule], bits: int, sym: bool, label: str) -> tuple[str, str]:
     """('v1' | 'v2', evidence). See the module docstring for the rule."""
     if sym:
         vals = torch.unique(torch.cat([m.raw_zeros().flatten() for m in modules]))

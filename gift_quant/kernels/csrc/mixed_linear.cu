@@ -1,7 +1,7 @@
 // Mixed-precision linear for gift checkpoints:
 //   y = x @ dequant(qweight)^T + x[:, salient_idx] @ salient_weight^T (+ bias)
 //
-// Weight layout (GPTQ, see gift_quant/packing.py): qweight int32 [chunks*BITS, N]; a chunk of 32 input
+// Weight layout (GPTQ, see gift_quant/core/packing.py): qweight int32 [chunks*BITS, N]; a chunk of 32 input
 // rows packs into BITS words per output column, LSB first (3-bit codes span words). dequant = s*(c - z)
 // with s = scales[g, n], z = zeros[g, n], g = gidx[row].
 //
