@@ -86,6 +86,35 @@ def _register(mapping, register, cls):
 _register(AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, GiftConfig)
 
 
+def _is_gift_dict(q: dict) -> bool:
+    """A quantization_config written by gift-quant, whatever its quant_method says."""
+    return str(q.get("format", "")).startswith("gift_sw") or "salient_counts" in q
+
+
+def _refuse_misnamed(original):
+    def supports_quant_method(quantization_config_dict):
+        q = quantization_config_dict or {}
+        if _is_gift_dict(q) and q.get("quant_method") != QUANT_METHOD:
+            # transformers would skip quantization and return random Linears: refuse instead
+            raise GiftError(f"this checkpoint's quantization_config was written by gift-quant (format "
+                            f"{q.get('format')!r}) but names quant_method {q.get('quant_method')!r}; "
+                            f"set it to {QUANT_METHOD!r} in config.json")
+        return original(quantization_config_dict)
+    supports_quant_method._gift_original = original
+    return staticmethod(supports_quant_method)
+
+
+def _install_misnamed_check():
+    from transformers.quantizers.auto import AutoHfQuantizer
+    current = AutoHfQuantizer.__dict__.get("supports_quant_method")
+    fn = current.__func__ if isinstance(current, staticmethod) else current
+    original = getattr(fn, "_gift_original", fn)  # idempotent across re-imports
+    AutoHfQuantizer.supports_quant_method = _refuse_misnamed(original)
+
+
+_install_misnamed_check()
+
+
 class GiftHfQuantizer(HfQuantizer):
     """Loads pre-quantized gift checkpoints; quantizes on load when given a float model."""
 
@@ -109,11 +138,19 @@ class GiftHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             quantize_loaded_model(model, self.quantization_config)
-        for m in model.modules():
-            if isinstance(m, MixedPrecisionLinear) and m.n_salient:
+        for name, m in model.named_modules():
+            if not isinstance(m, MixedPrecisionLinear):
+                continue
+            if m.n_salient:
                 idx = m.salient_idx.long()
                 if idx.min() < 0 or idx.max() >= m.in_features or idx.unique().numel() != idx.numel():
-                    raise GiftError("checkpoint has invalid salient_idx (out of range or repeated)")
+                    raise GiftError(f"checkpoint has invalid salient_idx at {name} (out of range or repeated)")
+            g = m.g_idx.long()
+            if g.numel() and (g.min() < 0 or g.max() >= n_groups(m.in_features, m.group_size)):
+                raise GiftError(f"checkpoint has invalid g_idx at {name}: groups {int(g.min())}..{int(g.max())}, "
+                                f"the layer has {n_groups(m.in_features, m.group_size)}")
+            if not torch.isfinite(m.scales).all():
+                raise GiftError(f"checkpoint has non-finite scales at {name} (NaN or inf)")
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -180,6 +217,24 @@ def is_gift_checkpoint(path) -> bool:
     return q.get("quant_method") == QUANT_METHOD
 
 
+def looks_like_gift(path) -> str | None:
+    """Why ``path`` holds gift-quant tensors under another quant_method (or none), else None."""
+    p = Path(path)
+    if not (p / "config.json").is_file() or is_gift_checkpoint(p):
+        return None
+    try:
+        q = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+    except ValueError:
+        return None
+    keys = set(_checkpoint_shapes(sorted(p.glob("*.safetensors"))))
+    gift_keys = sorted({k.rsplit(".", 1)[-1] for k in keys} & {"salient_weight", "salient_idx"})
+    if not gift_keys and not _is_gift_dict(q):
+        return None
+    return (f"{path} holds gift-quant tensors ({', '.join(gift_keys) or 'gift_sw format'}) but its "
+            f"quantization_config.quant_method is {q.get('quant_method')!r}, not {QUANT_METHOD!r}: "
+            "loading it would leave random Linears; fix config.json")
+
+
 def load_checkpoint(path, dtype=None, device=None):
     """(model, tokenizer) of a gift checkpoint folder, with clear errors for anything that is not one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,6 +243,8 @@ def load_checkpoint(path, dtype=None, device=None):
         raise GiftError(f"checkpoint folder not found: {path}")
     if not (p / "config.json").is_file():
         raise GiftError(f"{path} is not a checkpoint (no config.json)")
+    if looks_like_gift(p):
+        raise GiftError(looks_like_gift(p))
     if not is_gift_checkpoint(p):
         raise GiftError(f"{path} is not a gift-quant checkpoint (quantization_config.quant_method != {QUANT_METHOD!r})")
     if not any(p.glob("*.safetensors")):

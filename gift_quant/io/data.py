@@ -139,7 +139,10 @@ def load_texts(source: str | None = None, split: str = "train", text_field: str 
     if path.suffix in _FILE_KINDS and not path.exists():
         raise GiftError(f"dataset file not found: {source}")
     if path.suffix in (".txt", ".md") and path.is_file():
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "\x00" in text or text.count("\ufffd") * 100 > len(text):  # binary data named .txt
+            raise GiftError(f"{source} is not UTF-8 text (binary data?)")
+        return [text]
     try:
         import datasets
     except ImportError:
