@@ -25,6 +25,7 @@ def cmd_eval(a) -> int:
     from gift_quant.io.model_io import load_model
 
     device = resolve_device(a.device)
+    texts = load_texts(a.dataset)  # bad text fails before the model loads
     if is_gift_checkpoint(a.path):
         model, tok = load_checkpoint(a.path)
     elif looks_like_gift(a.path):
@@ -42,7 +43,7 @@ def cmd_eval(a) -> int:
         raise GiftError(f"--seq-len {a.seq_len} is longer than the model's context window ({ctx} tokens)")
     if device:
         model.to(device)
-    ev = eval_windows(load_texts(a.dataset), tok, a.seq_len, a.windows)
+    ev = eval_windows(texts, tok, a.seq_len, a.windows)
     ppl = perplexity(model, ev, progress=not a.quiet)
     if not math.isfinite(ppl):
         raise GiftError(f"perplexity is {ppl}: the model's outputs are not finite (NaN or inf weights or scales "

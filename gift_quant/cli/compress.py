@@ -93,6 +93,7 @@ def run(a) -> int:
     if main:
         check_output(a.output, a.overwrite, a.resume)
     barrier(world)
+    eval_texts = None if a.no_eval else load_texts(a.eval_dataset)  # a missing eval file fails before loading
     partial = partial_dir(a.output)
     t0 = time.time()
     log = (lambda *x: None) if a.quiet or not main else (lambda *x: print(*x, file=sys.stderr, flush=True))
@@ -102,7 +103,7 @@ def run(a) -> int:
     q = getattr(model.config, "quantization_config", None)
     if q is not None:  # a hub name, known only once loaded
         raise GiftError(f"{name} is already quantized ({_quant_method(q)}); compress needs its float model")
-    ev = None if a.no_eval else eval_windows(load_texts(a.eval_dataset), tok, 512, a.eval_windows)
+    ev = None if a.no_eval else eval_windows(eval_texts, tok, 512, a.eval_windows)
     with atomic_output_dir(a.output, a.overwrite) if main else contextlib.nullcontext() as tmp:
         res = run_recipe(r, model, tok, out_dir=tmp, work_dir=partial, resume=a.resume,
                          progress=main and not a.quiet, device=device, eval_windows=ev, model_name=name, log=log,

@@ -107,6 +107,8 @@ def _refuse_misnamed(original):
 def _install_misnamed_check():
     from transformers.quantizers.auto import AutoHfQuantizer
     current = AutoHfQuantizer.__dict__.get("supports_quant_method")
+    if current is None:  # a transformers without this hook: nothing to guard
+        return
     fn = current.__func__ if isinstance(current, staticmethod) else current
     original = getattr(fn, "_gift_original", fn)  # idempotent across re-imports
     AutoHfQuantizer.supports_quant_method = _refuse_misnamed(original)

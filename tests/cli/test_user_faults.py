@@ -91,6 +91,8 @@ BAD_FLAGS = [
     (["eval", "--seq-len", "-5"], "--seq-len: must be >= 1, got -5"),
     (["eval", "--windows", "two"], "--windows: must be an integer, got 'two'"),
     (["bench", "--eval-windows", "-1"], "--eval-windows: must be >= 0, got -1"),
+    (["compress", "--eval-dataset", "nothere.txt"], "dataset file not found: nothere.txt"),
+    (["eval", "--dataset", "nothere.txt"], "dataset file not found: nothere.txt"),
 ]
 
 
