@@ -152,7 +152,7 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     run_model = ddp(acc, model.to(device)) if acc else model
     work_dir = Path(work_dir) if work_dir else None
 
-    start, best, bad_evals = 0, None, 0
+    start, best = 0, None
     if resume and work_dir is not None:
         start, best = load_state(work_dir, recipe_fingerprint, names, opt, rep)
     # evaluations since the best one: patience counts on across a resume as without one

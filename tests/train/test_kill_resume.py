@@ -120,3 +120,39 @@ def test_a_checkpoint_whose_tensors_do_not_match_is_refused(tmp_path):
     with pytest.raises(GiftError, match="step 3 does not match its tensors file"):
         load_state(tmp_path, "fp", [("w", q)], torch.optim.AdamW([q]), TrainReport())
     assert hashlib.sha256(bytes(data)).hexdigest()  # the file stays for the user to inspect
+
+
+def test_patience_counts_on_across_a_resume(tmp_path, tiny_model_dir, monkeypatch):
+    """Evaluations without improvement before the interruption still count after it: early stopping
+    falls on the same step as in the uninterrupted run."""
+    from transformers import AutoModelForCausalLM
+
+    import gift_quant.train.loop as loop
+    from gift_quant.train import run_recipe
+    from tests.conftest import char_tokenizer
+    from tests.train.test_recipes import _recipe
+    r = _recipe(tmp_path, "post", noise="none", lr=0.3, steps=12, save_every=1, eval_every=1, val_windows=2,
+                patience=2)
+    tok = char_tokenizer()
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    full = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w1", progress=False, device="cpu").train_report
+    assert full.stopped_early, full.val_losses  # the setting this test needs
+    bad_since = [s for s, _ in full.val_losses if s > full.best_step]
+    stop_at = bad_since[0]  # interrupt after the first evaluation without improvement
+    real = loop.batch_rows
+
+    def boom(step, *a):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(loop, "batch_rows", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", progress=False, device="cpu")
+    monkeypatch.setattr(loop, "batch_rows", real)
+    resumed = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", resume=True, progress=False,
+                         device="cpu").train_report
+    assert resumed.resumed_from == stop_at
+    assert (resumed.steps_done, resumed.best_step, resumed.stopped_early) == \
+        (full.steps_done, full.best_step, full.stopped_early)
