@@ -56,7 +56,8 @@ def test_none_is_an_ordinary_recipe():
     a, b = load_recipe("none", device="cpu"), load_recipe(str(builtin), device="cpu")
     assert a.to_dict() == b.to_dict()
     assert a.config.to_dict() == {**GiftConfig().to_dict(), "recipe": "none"}  # the declared defaults
-    assert dataclasses.asdict(a.train) == dataclasses.asdict(TrainSettings())
+    # the declared defaults, with noise resolved to the method's own (none trains nothing: no noise)
+    assert dataclasses.asdict(a.train) == dataclasses.asdict(TrainSettings(noise="none"))
 
 
 @pytest.mark.parametrize("cls,field,value", [(GiftConfig, "calib_samples", True), (GiftConfig, "seq_len", 0),

@@ -18,13 +18,35 @@ def add_setting_flags(group, cls) -> None:
         default = f.default
         if isinstance(default, float) and 0 < default < 1e-3:
             default = f"{default:g}"
-        help = f"{m['help']} (default {default}, or the recipe's)"
+        text = m["help"].replace("%", "%%")  # argparse formats help with %
+        help = f"{text} (default: the recipe's)" if default is None else f"{text} (default {default}, or the recipe's)"
         if bool in m["types"] and not m["nullable"]:
-            action = "store_false" if flag.startswith("--no-") else "store_true"
-            group.add_argument(flag, dest=name, action=action, default=None, help=m["help"])
+            off = flag.startswith("--no-")
+            group.add_argument(flag, dest=name, action="store_false" if off else "store_true", default=None,
+                               help=f"turn off (on by default): {text}" if off else text)
             continue
         kind = next((t for t in m["types"] if t in (int, float)), None)
         group.add_argument(flag, dest=name, type=kind, default=None, help=help)
+
+
+def positive(v: str) -> int:
+    """argparse type: an int >= 1 (a count of windows, tokens or steps)."""
+    return _int_at_least(v, 1)
+
+
+def non_negative(v: str) -> int:
+    return _int_at_least(v, 0)
+
+
+def _int_at_least(v: str, lo: int) -> int:
+    import argparse
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {v!r}") from None
+    if n < lo:
+        raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+    return n
 
 
 def overrides(a, *classes) -> dict:

@@ -13,10 +13,11 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
                                           register_quantization_config, register_quantizer)
 
 from gift_quant.config import QUANT_METHOD, GiftConfig
+from gift_quant.core.quantizer import n_groups
 from gift_quant.errors import GiftError
 # the checkpoint reader lives in io/; re-exported here, where users of the transformers path look for it
 from gift_quant.io.checkpoint import (check_against_checkpoint, checkpoint_shapes, is_gift_checkpoint,  # noqa: F401
-                                      load_checkpoint, replace_linears)
+                                      is_gift_dict, load_checkpoint, looks_like_gift, replace_linears)
 from gift_quant.nn import MixedPrecisionLinear
 
 
@@ -28,6 +29,32 @@ def _register(mapping, register, cls):
 
 
 _register(AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, GiftConfig)
+
+
+def _refuse_misnamed(original):
+    def supports_quant_method(quantization_config_dict):
+        q = quantization_config_dict or {}
+        if is_gift_dict(q) and q.get("quant_method") != QUANT_METHOD:
+            # transformers would skip quantization and return random Linears: refuse instead
+            raise GiftError(f"this checkpoint's quantization_config was written by gift-quant (format "
+                            f"{q.get('format')!r}) but names quant_method {q.get('quant_method')!r}; "
+                            f"set it to {QUANT_METHOD!r} in config.json")
+        return original(quantization_config_dict)
+    supports_quant_method._gift_original = original
+    return staticmethod(supports_quant_method)
+
+
+def _install_misnamed_check():
+    from transformers.quantizers.auto import AutoHfQuantizer
+    current = AutoHfQuantizer.__dict__.get("supports_quant_method")
+    if current is None:  # a transformers without this hook: nothing to guard
+        return
+    fn = current.__func__ if isinstance(current, staticmethod) else current
+    original = getattr(fn, "_gift_original", fn)  # idempotent across re-imports
+    AutoHfQuantizer.supports_quant_method = _refuse_misnamed(original)
+
+
+_install_misnamed_check()
 
 
 class GiftHfQuantizer(HfQuantizer):
@@ -53,11 +80,19 @@ class GiftHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             quantize_loaded_model(model, self.quantization_config)
-        for m in model.modules():
-            if isinstance(m, MixedPrecisionLinear) and m.n_salient:
+        for name, m in model.named_modules():
+            if not isinstance(m, MixedPrecisionLinear):
+                continue
+            if m.n_salient:
                 idx = m.salient_idx.long()
                 if idx.min() < 0 or idx.max() >= m.in_features or idx.unique().numel() != idx.numel():
-                    raise GiftError("checkpoint has invalid salient_idx (out of range or repeated)")
+                    raise GiftError(f"checkpoint has invalid salient_idx at {name} (out of range or repeated)")
+            g = m.g_idx.long()
+            if g.numel() and (g.min() < 0 or g.max() >= n_groups(m.in_features, m.group_size)):
+                raise GiftError(f"checkpoint has invalid g_idx at {name}: groups {int(g.min())}..{int(g.max())}, "
+                                f"the layer has {n_groups(m.in_features, m.group_size)}")
+            if not torch.isfinite(m.scales).all():
+                raise GiftError(f"checkpoint has non-finite scales at {name} (NaN or inf)")
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -75,6 +75,29 @@ def is_gift_checkpoint(path) -> bool:
     return q.get("quant_method") == QUANT_METHOD
 
 
+def is_gift_dict(q: dict) -> bool:
+    """A quantization_config written by gift-quant, whatever its quant_method says."""
+    return str(q.get("format", "")).startswith("gift_sw") or "salient_counts" in q
+
+
+def looks_like_gift(path) -> str | None:
+    """Why ``path`` holds gift-quant tensors under another quant_method (or none), else None."""
+    p = Path(path)
+    if not (p / "config.json").is_file() or is_gift_checkpoint(p):
+        return None
+    try:
+        q = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+    except ValueError:
+        return None
+    keys = set(checkpoint_shapes(sorted(p.glob("*.safetensors"))))
+    gift_keys = sorted({k.rsplit(".", 1)[-1] for k in keys} & {"salient_weight", "salient_idx"})
+    if not gift_keys and not is_gift_dict(q):
+        return None
+    return (f"{path} holds gift-quant tensors ({', '.join(gift_keys) or 'gift_sw format'}) but its "
+            f"quantization_config.quant_method is {q.get('quant_method')!r}, not {QUANT_METHOD!r}: "
+            "loading it would leave random Linears; fix config.json")
+
+
 def load_checkpoint(path, dtype=None, device=None):
     """(model, tokenizer) of a gift checkpoint folder, with clear errors for anything that is not one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +106,8 @@ def load_checkpoint(path, dtype=None, device=None):
         raise GiftError(f"checkpoint folder not found: {path}")
     if not (p / "config.json").is_file():
         raise GiftError(f"{path} is not a checkpoint (no config.json)")
+    if looks_like_gift(p):
+        raise GiftError(looks_like_gift(p))
     if not is_gift_checkpoint(p):
         raise GiftError(f"{path} is not a gift-quant checkpoint (quantization_config.quant_method != {QUANT_METHOD!r})")
     if not any(p.glob("*.safetensors")):

@@ -154,7 +154,10 @@ def _read_dataset(source: str, split: str, text_field: str | None) -> list[str]:
     if path.suffix in _FILE_KINDS and not path.exists():
         raise GiftError(f"dataset file not found: {source}")
     if path.suffix in (".txt", ".md") and path.is_file():
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "\x00" in text or text.count("\ufffd") * 100 > len(text):  # binary data named .txt
+            raise GiftError(f"{source} is not UTF-8 text (binary data?)")
+        return [text]
     try:
         import datasets
     except ImportError:

@@ -48,6 +48,15 @@ def check_output(target, overwrite: bool, resume: bool) -> Path:
     return partial
 
 
+def check_not_overlapping(src, dst, what: str = "input"):
+    """Refuse an output that is the input, lies inside it, or contains it (replacing it would delete the
+    input)."""
+    s, d = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if s == d or s in d.parents or d in s.parents:
+        rel = "is" if s == d else ("is inside" if s in d.parents else "contains")
+        raise GiftError(f"output {dst} {rel} the {what} {src}: choose another output folder")
+
+
 def safetensors_mib(folder) -> float:
     return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors")) / 2**20
 
@@ -93,11 +102,34 @@ def save_saliency(report, path: Path):
     save_tensors(path, tensors, metadata={"what": "gift-quant salient column selection"})
 
 
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def base_model_id(name) -> str | None:
+    """The hub id of the model that was compressed, for the card's ``base_model`` (None: a local file)."""
+    import re
+    name = str(name or "")
+    if name.startswith("bundled"):
+        return BUNDLED_HUB_ID
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists():
+        return name
+    return None
+
+
 def model_card(config, summary: dict) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    rows = []
+    for k, v in summary.items():
+        if k == "perplexity_on":
+            continue
+        if k == "perplexity" and "perplexity_on" in summary:
+            k = f"perplexity ({summary['perplexity_on']})"
+        rows.append(f"| {k} | {v} |")
+    rows = "\n".join(rows)
+    base = base_model_id(summary.get("model"))
+    meta = f"base_model: {base}\nbase_model_relation: quantized\n" if base else ""
     return f"""---
 library_name: transformers
-tags: [gift-quant, gift-sw, gptq, quantized]
+{meta}tags: [gift-quant, gift-sw, gptq, quantized]
 ---
 # {summary.get('model', 'model')} compressed with gift-quant (GIFT-SW)
 

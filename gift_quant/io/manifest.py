@@ -43,7 +43,13 @@ def verify(folder) -> int:
     m = folder / MANIFEST
     if not m.is_file():
         raise GiftError(f"{folder} has no {MANIFEST}: not a complete gift-quant checkpoint")
-    files = json.loads(m.read_text())["files"]
+    try:
+        files = json.loads(m.read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= v.keys()
+                                                  for v in files.values()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise GiftError(f"{m}: unreadable manifest (not the JSON gift-quant writes)") from None
     for name, info in files.items():
         p = folder / name
         if not p.is_file():

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, trust_remo
         raise
     except (OSError, ValueError) as e:
         raise GiftError(f"could not load model {model or BUNDLED!r}: {str(e).splitlines()[0]}") from None
+    except (struct.error, EOFError, IndexError):  # the GGUF reader on a truncated file
+        raise GiftError(f"could not load model {model or BUNDLED!r}: the file is truncated or not a valid "
+                        f"{'GGUF' if 'gguf_file' in extra else 'model'} file") from None
     if getattr(m.config, "quantization_config", None) is not None and "gguf_file" in extra:
         # the GGUF weights are dequantized on load; the result is a plain float model
         del m.config.quantization_config

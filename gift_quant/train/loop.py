@@ -155,6 +155,8 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     start, best = 0, None
     if resume and work_dir is not None:
         start, best = load_state(work_dir, recipe_fingerprint, names, opt, rep)
+    # evaluations since the best one: patience counts on across a resume as without one
+    bad_evals = sum(1 for st, _ in rep.val_losses if rep.best_step is not None and st > rep.best_step)
 
     def save(step):
         if work_dir is not None and main:
@@ -163,7 +165,6 @@ def train(model, windows: torch.Tensor, settings: TrainSettings, work_dir=None, 
     sched = make_scheduler(opt, s, start)
     n = windows.shape[0]
     tokens_per_step = s.batch_size * s.grad_accum * world * windows.shape[1]
-    bad_evals = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run_model.train()

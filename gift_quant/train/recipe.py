@@ -29,6 +29,12 @@ class Recipe:
     train: TrainSettings
     description: str = ""
 
+    def __post_init__(self):
+        if self.train.noise is None:  # the method's default, whatever file names the method
+            from gift_quant.train.methods import METHODS
+            noise = METHODS[self.method].default_noise if self.method in METHODS else "none"
+            self.train = dataclasses.replace(self.train, noise=noise)
+
     def to_dict(self) -> dict:
         """The flat form a recipe file uses (written as ``recipe.json`` beside a checkpoint)."""
         c = {k: v for k, v in saved_fields(self.config).items() if k in recipe_keys()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -17,6 +18,7 @@ import torch
 
 from gift_quant.compress.layers import check_fits
 from gift_quant.compress.report import CompressReport, summary
+from gift_quant.errors import GiftError
 from gift_quant.eval.perplexity import perplexity
 from gift_quant.io.atomic import write_json
 from gift_quant.train.dist import dist_rank
@@ -57,6 +59,7 @@ class Run:
     train_report: TrainReport | None = None
     bits_per_weight: float | None = None
     compress_seconds: float | None = None
+    stage_summary: dict = dataclasses.field(default_factory=dict)
 
 
 def _device(device) -> torch.device:
@@ -82,7 +85,7 @@ def _train_summary(r: Recipe, tr: TrainReport) -> dict:
 
 def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume: bool = False,
                progress: bool = True, device=None, eval_windows=None, model_name: str = "model", log=None,
-               eval_before_training: bool = False) -> RecipeResult:
+               eval_before_training: bool = False, eval_name: str | None = None) -> RecipeResult:
     """Compress (and train) ``model`` per recipe ``r``; write a checkpoint into ``out_dir`` if given.
 
     ``work_dir`` holds resumable state (the compressed stage and training checkpoints); the caller
@@ -116,14 +119,17 @@ def run_recipe(r: Recipe, model, tokenizer, out_dir=None, work_dir=None, resume:
     method.finalize(run)
     s = summary(run.config, bits_per_weight=run.bits_per_weight, model=model_name,
                 compress_seconds=run.compress_seconds, **run.summary)
-    if run.compress_report is not None:
-        s["salient_columns_total"] = sum(m.k for m in run.compress_report.modules)
-        s.update(run.compress_report.coverage_summary())  # share left in float, MoE fallbacks
+    s.update(run.stage_summary)  # k in total, share left in float, MoE fallbacks (kept across a resume)
     if run.train_report is not None:
         s.update(_train_summary(r, run.train_report))
     run.model.eval()
     if eval_windows is not None:
         s["perplexity"] = round(perplexity(run.model, eval_windows, progress=progress), 3)
+        s["perplexity_on"] = (f"{eval_name + ', ' if eval_name else ''}{eval_windows.shape[0]} x "
+                              f"{eval_windows.shape[1]} tokens")
+        if not math.isfinite(s["perplexity"]):
+            raise GiftError(f"perplexity is {s['perplexity']}: the compressed model's outputs are not finite; "
+                            "nothing was written")
     s["total_seconds"] = round(time.time() - t0, 1)
     run.summary = s
     if out_dir is not None and dist_rank()[0] == 0:  # multi-process: rank 0 alone writes the checkpoint

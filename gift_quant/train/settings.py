@@ -40,7 +40,8 @@ class TrainSettings:
     scale_lr: float = setting(None, "AdamW learning rate of the scale factors (null: 10 x lr; at lr 1e-3 on 2 bits "
                                     "1x did nothing and 30x was worse than 10x)", lo=0,
                               lo_open=True, nullable=True, flag="--scale-lr")
-    noise: str = setting("gaussian", "quantization noise on the frozen columns during training",
+    noise: str = setting(None, "quantization noise on the frozen columns during training (null: the method's "
+                               "own: none for post, gaussian for pre)", nullable=True,
                          choices=NOISE_KINDS, flag="--noise")
     noise_bits: int = setting(None, "bits the noise imitates (null: the compression bits)",
                               choices=SUPPORTED_BITS, nullable=True)

@@ -1,21 +1,29 @@
 """Training checkpoints (safetensors only, no pickle): trainable tensors, AdamW moments, the best-so-far
 tensors and a JSON with step, losses and a fingerprint of model + recipe. Resuming is bit-identical
-because data order and noise seeds are functions of (seed, step)."""
+because data order and noise seeds are functions of (seed, step).
+
+A checkpoint is one unit: both files go into a fresh folder, are fsynced, and the folder is renamed
+into place (the previous one is moved aside first and removed only once the new one is in place). The
+JSON also holds the step and sha256 of the tensors file, so a mismatched pair is refused, never resumed."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from gift_quant.errors import GiftError
-from gift_quant.io.atomic import save_tensors, write_json
+from gift_quant.io.atomic import fsync_path
 from gift_quant.io.model_io import architecture_json
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
+STATE_DIR = "train"            # the current checkpoint: STATE_JSON + STATE_TENSORS
+OLD_DIR = "train.old"          # the previous one, while the next is renamed into place
 
 
 def fingerprint(model, recipe: dict) -> str:
@@ -46,10 +54,29 @@ def _load_opt(opt, names, tensors):
             opt.state[p] = {k: (v.to(p.device) if k != "step" else v.to(torch.float32)) for k, v in st.items()}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dir(work_dir) -> Path | None:
+    """The folder of the newest complete checkpoint (``train``, or ``train.old`` if a kill fell between the
+    two renames), else None."""
+    for name in (STATE_DIR, OLD_DIR):
+        d = Path(work_dir) / name
+        if (d / STATE_JSON).is_file():
+            return d
+    return None
+
+
 def read_state(work_dir) -> dict | None:
-    f = Path(work_dir) / STATE_JSON
-    if not f.is_file():
+    d = state_dir(work_dir)
+    if d is None:
         return None
+    f = d / STATE_JSON
     try:
         return json.loads(f.read_text())
     except ValueError:
@@ -57,14 +84,37 @@ def read_state(work_dir) -> dict | None:
 
 
 def save_state(work_dir: Path, step: int, names, opt, best, rep, fp: str, settings):
+    from safetensors.torch import save_file
+    work_dir = Path(work_dir)
     tensors = {f"param.{n}": p for n, p in names}
     tensors.update(_opt_tensors(opt, names))
     if best is not None:
         tensors.update({f"best.{n}": v for n, v in best.items()})
-    save_tensors(Path(work_dir) / STATE_TENSORS, tensors)  # tensors first: the JSON names their step
-    write_json(Path(work_dir) / STATE_JSON, {"step": step, "fingerprint": fp, "losses": rep.losses,
-                                             "val_losses": rep.val_losses, "best_step": rep.best_step,
-                                             "best_val": rep.best_val, "settings": asdict(settings)}, indent=1)
+    for stale in work_dir.glob(f"{STATE_DIR}.tmp*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = work_dir / f"{STATE_DIR}.tmp{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_TENSORS),
+                  metadata={"step": str(step)})
+        fsync_path(tmp / STATE_TENSORS)
+        meta = {"step": step, "fingerprint": fp, "tensors_sha256": _sha256(tmp / STATE_TENSORS),
+                "losses": rep.losses, "val_losses": rep.val_losses, "best_step": rep.best_step,
+                "best_val": rep.best_val, "settings": asdict(settings)}
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        fsync_path(tmp / STATE_JSON)
+        fsync_path(tmp)
+        cur, old = work_dir / STATE_DIR, work_dir / OLD_DIR
+        if (cur / STATE_JSON).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(cur, old)  # the previous checkpoint stays whole until the new one is in place
+        elif cur.exists():
+            shutil.rmtree(cur)
+        os.replace(tmp, cur)
+        fsync_path(work_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -77,7 +127,11 @@ def load_state(work_dir: Path, fp: str, names, opt, rep):
         raise GiftError(f"cannot resume from {work_dir}: it was written for a different model or recipe "
                         f"(fingerprint {meta.get('fingerprint')} != {fp}); delete it or change --output")
     from safetensors.torch import load_file
-    t = load_file(str(Path(work_dir) / STATE_TENSORS))
+    f = state_dir(work_dir) / STATE_TENSORS
+    if not f.is_file() or _sha256(f) != meta.get("tensors_sha256"):
+        raise GiftError(f"cannot resume from {work_dir}: the training checkpoint of step {meta.get('step')} does "
+                        f"not match its tensors file; delete it to start over")
+    t = load_file(str(f))
     for n, p in names:
         if f"param.{n}" not in t:
             raise GiftError(f"cannot resume from {work_dir}: tensor {n} is missing")

@@ -111,9 +111,9 @@ def test_two_rank_gloo_training_all_reduces_and_rank0_writes(tmp_path):
     saved = load_file(str(out / "model.safetensors"))
     for k, v in w0.items():
         torch.testing.assert_close(saved[f"{k}.salient_weight"].float(), v.half().float(), rtol=0, atol=0)
-    state = json.loads((tmp_path / "work" / "train_state.json").read_text())
+    state = json.loads((tmp_path / "work" / "train" / "train_state.json").read_text())
     assert state["step"] == STEPS
-    train_state = load_file(str(tmp_path / "work" / "train_state.safetensors"))
+    train_state = load_file(str(tmp_path / "work" / "train" / "train_state.safetensors"))
     for k, v in w0.items():
         assert torch.equal(train_state[f"param.{k}.salient_weight"].half().float(), v)  # v: fp16 as stored
     leftovers = [p.name for p in (tmp_path / "work").rglob("*") if ".tmp" in p.name]

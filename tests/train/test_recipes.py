@@ -77,7 +77,7 @@ def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_di
     with pytest.raises(KeyboardInterrupt):
         run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", progress=False, device="cpu")
     monkeypatch.setattr(T, "batch_rows", real)
-    assert json.loads((tmp_path / "w2" / "train_state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "w2" / "train" / "train_state.json").read_text())["step"] == 2
     s = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", resume=True, progress=False, device="cpu")
     assert s.train_report.resumed_from == 2
     for attr in ("salient_weight", "scales"):
