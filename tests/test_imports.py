@@ -5,6 +5,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,7 @@ def _site_without(tmp_path: Path) -> Path:
     return view
 
 
+@pytest.mark.integration
 def test_inference_without_datasets_and_gguf(tmp_path):
     from gift_quant import GiftConfig, quantize_
     from gift_quant.io.export import save_checkpoint

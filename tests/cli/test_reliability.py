@@ -72,6 +72,7 @@ def test_cli_recipe_with_wrong_types_is_one_line_exit_2(tmp_path, capsys, body, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no output, no .partial
 
 
+@pytest.mark.integration
 def test_cli_recipe_not_utf8_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"recipe: post\nbits: \xff\xfe\n")

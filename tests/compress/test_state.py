@@ -9,6 +9,8 @@ import pytest
 from gift_quant.cli.main import main
 from tests.conftest import char_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.integration  # child processes, killed and resumed
+
 
 @pytest.fixture(scope="module")
 def four_layer_dir(tmp_path_factory):

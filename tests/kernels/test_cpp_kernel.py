@@ -157,6 +157,7 @@ def _cuda_include_stub(tmp: Path) -> Path:
     return tmp / "stub"
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(build.find_cuda_home() is None, reason="no nvcc")
 def test_kernel_source_compiles_with_nvcc(tmp_path):
     """Compile-only check of csrc/mixed_linear.cu for sm_90 (no GPU needed; catches build breaks in CI)."""
@@ -270,6 +271,7 @@ def test_cuda_generate_static_cache_matches_fallback(tiny_model, calib, monkeypa
     assert err < 1e-2, err
 
 
+@pytest.mark.integration
 def test_kernel_module_imports_without_cuda_toolchain():
     """Importing gift_quant (and running a layer on CPU) never builds anything, and never imports triton."""
     code = ("import sys, torch, gift_quant, gift_quant.kernels.build as b\n"

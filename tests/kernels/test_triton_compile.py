@@ -34,6 +34,7 @@ for fn, const in CASES:
 '''
 
 
+@pytest.mark.integration
 def test_triton_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,8 +1,11 @@
 """MixedPrecisionLinear against a float64 reference that reads the packed tensors bit by bit, independently
-of :mod:`gift_quant.core.packing`: the forward, ``dequantize`` and ``from_quantized``."""
+of :mod:`gift_quant.core.packing`: the forward (random layers and compressed ones, fp32/fp16/bf16),
+``dequantize`` and ``from_quantized``."""
 import pytest
 import torch
 
+from gift_quant.compress.pipeline import compress_model
+from gift_quant.config import GiftConfig
 from gift_quant.core.gptq import QuantizedWeight
 from gift_quant.nn import MixedPrecisionLinear
 
@@ -48,9 +51,26 @@ def test_forward_matches_float64_reference(bits, group_size, k, act_order, bias,
     assert torch.allclose(m.dequantize(torch.float64), W, rtol=0, atol=1e-12)
 
 
-def test_salient_slots_of_the_base_dequantize_to_zero():
-    m = MixedPrecisionLinear.random(64, 16, 3, 32, 6, seed=1)
-    assert m.dequantize_base(torch.float64)[:, m.salient_idx.long()].abs().max() == 0
+def _compressed(model, calib):
+    compress_model(model, calib, GiftConfig(bits=3, group_size=32, n_salient=5, salient_ratio=None), progress=False)
+    return model
+
+
+def test_salient_slots_dequantize_to_zero(tiny_model, calib):
+    m = _compressed(tiny_model, calib)
+    for x in m.modules():
+        if isinstance(x, MixedPrecisionLinear):
+            assert torch.all(x.dequantize_base()[:, x.salient_idx.long()] == 0)
+
+
+def test_forward_dtypes_on_cpu(tiny_model, calib):
+    m = _compressed(tiny_model, calib)
+    lin = m.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, 64)
+    ref = x.double() @ lin.dequantize(torch.float64).t()
+    for dt, tol in [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)]:
+        y = lin(x.to(dt)).double()
+        assert (y - ref).abs().max() / ref.abs().max() < tol, dt
 
 
 def test_from_quantized_packs_what_it_is_given():

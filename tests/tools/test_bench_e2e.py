@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.integration
 def test_bench_e2e_part_b_tiny(tmp_path):
     """tools/bench_e2e.py part b at a tiny LLaMA shape on CPU: every variant measured, ratios to FP16."""
     out = tmp_path / "e2e"

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.integration
 def test_bench_offload_memory_tiny_cpu(tmp_path):
     out = tmp_path / "mem.json"
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_offload_memory.py"), "--device", "cpu",
@@ -30,6 +33,7 @@ def test_bench_offload_memory_tiny_cpu(tmp_path):
     assert lines[0].startswith("| shape") and lines[-1].startswith("| 2 x 256 / 512, 1000 |")
 
 
+@pytest.mark.integration
 def test_bench_recipes_tiny_model_two_domains(tmp_path, tiny_model_dir):
     out, js = tmp_path / "B.md", tmp_path / "b.json"
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_recipes.py"), "--model", str(tiny_model_dir),

@@ -84,6 +84,7 @@ def _torchrun(args, tmp_path, timeout=240):
     return p
 
 
+@pytest.mark.integration
 def test_two_rank_gloo_training_all_reduces_and_rank0_writes(tmp_path):
     (tmp_path / "train.txt").write_text(TEXT)
     script = tmp_path / "ddp_post.py"
@@ -120,6 +121,7 @@ def test_two_rank_gloo_training_all_reduces_and_rank0_writes(tmp_path):
     assert not leftovers
 
 
+@pytest.mark.integration
 def test_cli_post_recipe_under_two_ranks_writes_a_complete_checkpoint(tmp_path, tiny_model_dir):
     """The documented path: ``accelerate launch -m gift_quant.cli compress --recipe post ...``."""
     txt = tmp_path / "train.txt"
