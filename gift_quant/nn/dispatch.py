@@ -70,7 +70,7 @@ def torch_cache_enabled() -> bool:
 def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
     """[in, out] base in ``dtype`` with the salient rows zeroed (foreign checkpoints may hold codes there)."""
     wt = torch_path.dequantize_t(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                 layer.in_features, layer.out_features, dtype, layer.group_size)
+                                 layer.in_features, layer.out_features, dtype, getattr(layer, "group_size", 0) or 0)
     if layer.salient_idx.numel():
         wt.index_fill_(0, layer.salient_idx.long(), 0)
     return wt
@@ -133,7 +133,7 @@ def _build(layer, backend: str, dtype: torch.dtype):
         from ..kernels.layout import build_layout
         return build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
                             layer.salient_weight, layer.bias, layer.bits, layer.in_features,
-                            layer.out_features, dtype)
+                            layer.out_features, dtype, getattr(layer, "group_size", 0) or 0)
     from ..kernels.prepare import prepare
     return prepare(layer, dtype)
 

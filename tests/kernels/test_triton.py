@@ -123,7 +123,7 @@ def test_layout_reference_is_exact_in_float64():
             codes[:, layer.salient_idx.long()] = (1 << bits) - 1
             layer.qweight.copy_(pack_qweight(codes, bits))
         L = lay.build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
-                             layer.salient_weight, layer.bias, bits, K, N, torch.float64)
+                             layer.salient_weight, layer.bias, bits, K, N, torch.float64, gs)
         assert L.identity_rows == (not act or gs < 0 or gs >= K)
         assert L.qweight.shape[1] % 16 == 0 and L.sal_w.shape[0] % 32 == 0
         x = torch.randn(3, K, dtype=torch.float64, generator=gen)
@@ -214,7 +214,7 @@ def test_triton_op_opcheck_and_compile_fullgraph(poisoned):
         ref = layer(x)
     L = dispatch.prepared(layer, "triton", torch.float16)
     args = (x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, L.bias, 2, 96, 40,
-            L.identity_rows, 8, "dequant")
+            L.identity_rows, 8, "dequant", L.perm_pos, L.tile, L.group_rows)
     torch.library.opcheck(torch.ops.gift_quant.mixed_linear_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     f = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
