@@ -69,7 +69,7 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
     The partial sums meet in ``ws``: ATOMIC adds into [MB, Np] (order of arrival: not deterministic),
     otherwise each split stores its own slice [SPLIT, MB, Np] and the last program of the column block
     (an arrival counter in ``lock``) sums them in split order (deterministic). The last program also
-    writes y, re-zeroes what it read and resets the counter, so the next call (or graph replay) starts clean."""
+    writes y, re-zeroes what it read (ATOMIC) and resets the counter, so the next call (or graph replay) starts clean."""
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     NPL: tl.constexpr = 2 if BITS == 3 else BITS
     pid_n = tl.program_id(0)
@@ -127,7 +127,9 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
         arrived = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel: orders this program's partials before it
         if arrived == SPLIT - 1:
             if ATOMIC:
-                y = tl.atomic_xchg(ws_ptr + offs_mn, tl.zeros((MB, BN), dtype=tl.float32), mask=wmask)
+                wsi = ws_ptr.to(tl.pointer_type(tl.int32))  # exchange the bits: read and re-zero at L2
+                y = tl.atomic_xchg(wsi + offs_mn, tl.zeros((MB, BN), dtype=tl.int32), mask=wmask)
+                y = y.to(tl.float32, bitcast=True)
             else:
                 y = tl.zeros((MB, BN), dtype=tl.float32)
                 for k in range(SPLIT):
@@ -297,18 +299,20 @@ def gemm_config(M: int, N: int) -> dict:
 
 
 class _Workspace:
-    """fp32 partial sums and per-column-block arrival counters of the split-K kernel, per device.
+    """fp32 partial sums and per-column-block arrival counters of the split-K kernel, per device and
+    reduction (the atomic one must start at zero; the ordered one overwrites its slices).
 
-    The kernel leaves both as it found them (zeros), so one buffer serves every layer and every graph
-    replay on a stream. It only grows outside graph capture, and a grown-out buffer is kept alive, since
+    The kernel leaves the counters (and the atomic sums) as it found them, zeros, so one buffer serves
+    every layer and every graph replay on a stream. It only grows outside graph capture, and a grown-out buffer is kept alive, since
     a captured graph may still point at it."""
 
     def __init__(self):
         self.bufs: dict = {}
         self.retired: list = []
 
-    def get(self, device: torch.device, floats: int, counters: int):
-        ws, lock = self.bufs.get(device, (None, None))
+    def get(self, device: torch.device, floats: int, counters: int, atomic: bool):
+        key = (device, atomic)
+        ws, lock = self.bufs.get(key, (None, None))
         if ws is None or ws.numel() < floats or lock.numel() < counters:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("gift-quant: the split-K workspace must grow during CUDA-graph capture; "
@@ -319,7 +323,7 @@ class _Workspace:
             counters = max(counters, 0 if lock is None else lock.numel(), 1024)
             ws = torch.zeros(floats, dtype=torch.float32, device=device)
             lock = torch.zeros(counters, dtype=torch.int32, device=device)
-            self.bufs[device] = (ws, lock)
+            self.bufs[key] = (ws, lock)
         return ws, lock
 
 
@@ -351,7 +355,7 @@ def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> to
         cfg = {**splitk_config(m, Np, T, L.tile, x2d.device), **(config or {})}
         BN, MB, split = cfg["BN"], cfg["MB"], cfg["SPLIT"]
         blocks = triton.cdiv(Np, BN)
-        ws, lock = WORKSPACE.get(x2d.device, (1 if cfg["ATOMIC"] else split) * MB * Np, blocks)
+        ws, lock = WORKSPACE.get(x2d.device, (1 if cfg["ATOMIC"] else split) * MB * Np, blocks, cfg["ATOMIC"])
         _splitk_kernel[(blocks, split)](
             xs, L.qweight, L.perm_pos, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, ys, ws, lock,
             m, K, N, Np, T, L.group_rows // (32 * L.tile), TS, triton.cdiv(T, split), triton.cdiv(TS, split),

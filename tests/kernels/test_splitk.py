@@ -1,0 +1,119 @@
+"""The split-K decode kernel and the equal-group layout against a float64 reference.
+
+CPU: Triton's interpreter (fp16/fp32), programs one after another, so the shapes are small. Outputs
+are NaN-filled before the launch: an element the kernel never writes fails. The reduction is checked
+both ways (a deterministic ordered sum, and fp32 atomics) and for leaving its workspace as it found it.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module is imported
+
+triton = pytest.importorskip("triton")
+
+from gift_quant.kernels import layout as lay  # noqa: E402
+from gift_quant.kernels import triton_mixed as tm  # noqa: E402
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(tm, "_alloc", lambda *s, **kw: torch.full(s, float("nan"), **kw))
+
+
+def _layout(K, N, bits, gs, k, act, seed, dtype, bias=True):
+    layer = MixedPrecisionLinear.random(K, N, bits, gs, min(k, K), bias=bias, act_order=act, seed=seed).to(DEV)
+    L = lay.build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
+                         layer.salient_weight, layer.bias, bits, K, N, dtype, gs)
+    return layer, L
+
+
+def _ref(layer, x):
+    y = x.double() @ layer.dequantize(torch.float64).t()
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def _err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+_KS = [0, 1, 7, 128]
+_SHAPES = [(67, 37), (300, 45), (161, 16), (288, 131)]
+_TOKENS = [1, 3, 8, 17, 64]
+CASES = [dict(bits=b, gs=g, act=bool(i % 2), k=_KS[(i + i // 4) % 4], shape=_SHAPES[(i // 2) % 4],
+              tokens=_TOKENS[i % 5], dtype=DTYPES[(i + i // 4) % 2])
+         for i, (b, g) in enumerate(itertools.product([2, 3, 4, 8], [32, 64, 128, -1]))]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c['bits']}-g{c['gs']}-act{int(c['act'])}-k{c['k']}-"
+                         f"{c['shape'][0]}x{c['shape'][1]}-t{c['tokens']}-{str(c['dtype'])[6:]}")
+def test_splitk_matches_float64(case):
+    K, N = case["shape"]
+    layer, L = _layout(K, N, case["bits"], case["gs"], case["k"], case["act"], 7 + K + case["bits"], case["dtype"])
+    x = torch.randn(case["tokens"], K, device=DEV).to(case["dtype"])
+    y = tm.mixed_linear(x, L, "gemv")
+    assert y.shape == (case["tokens"], N) and y.dtype == case["dtype"]
+    assert _err(y, _ref(layer, x)) < TOL[case["dtype"]], case
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_splitk_every_split_count_and_both_reductions(bits):
+    """1 split (direct store), splits that leave the last one short, more splits than tiles; ordered sum
+    and atomics agree with the reference, and the ordered sum is bit-identical from call to call."""
+    layer, L = _layout(300, 45, bits, 32, 7, True, 3 + bits, torch.float32)
+    x = torch.randn(3, 300, device=DEV)
+    ref = _ref(layer, x)
+    for split, atomic in [(1, False), (2, True), (4, False), (L.tiles + 2, True)]:
+        cfg = dict(SPLIT=split, ATOMIC=atomic)
+        y = tm.mixed_linear(x, L, "gemv", cfg)
+        assert _err(y, ref) < TOL[torch.float32], cfg
+        if not atomic:
+            assert torch.equal(y, tm.mixed_linear(x, L, "gemv", cfg)), "ordered reduction is deterministic"
+    for atomic in (False, True):
+        ws, lock = tm.WORKSPACE.bufs[(x.device, atomic)]
+        assert not lock.any() and (not atomic or not ws.any()), "the kernel leaves its workspace zeroed"
+
+
+def test_splitk_applies_one_tile_to_every_token():
+    """Each token's row equals that token run alone (no cross-token leakage), up to fp32 rounding."""
+    layer, L = _layout(256, 40, 4, 64, 7, False, 5, torch.float32)
+    x = torch.randn(5, 256, device=DEV)
+    y = tm.mixed_linear(x, L, "gemv")
+    for m in range(5):
+        torch.testing.assert_close(y[m:m + 1], tm.mixed_linear(x[m:m + 1], L, "gemv"), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_groups_are_equal_and_contiguous():
+    """Act-order with all salient rows on group 0 (GIFT's convention): group 0 would hold gs + k rows;
+    the layout drops the salient ones, so every group is group_rows positions and the math is unchanged."""
+    K, N, gs, k = 256, 24, 64, 9
+    layer = MixedPrecisionLinear.random(K, N, 3, gs, 0, bias=False, act_order=True, seed=2)
+    sal = torch.randperm(K)[:k].sort().values
+    g = layer.g_idx.clone()
+    perm = torch.randperm(K)
+    rest = perm[~torch.isin(perm, sal)]
+    g[rest] = (torch.arange(rest.numel()) // gs).to(torch.int32)
+    g[sal] = 0
+    layer.g_idx.copy_(g)
+    L = lay.build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, sal.to(torch.int32),
+                         torch.randn(N, k), None, 3, K, N, torch.float64, gs)
+    assert L.group_rows == gs and L.chunks * 32 == layer.scales.shape[0] * gs
+    pos = L.perm_pos.long()
+    assert not torch.isin(pos[pos >= 0], sal).any(), "salient rows left the base"
+    assert torch.equal(pos[pos >= 0].sort().values, rest.sort().values)
+    grp = torch.arange(pos.numel()) // L.group_rows
+    assert torch.equal(g[pos[pos >= 0]].long(), grp[pos >= 0]), "group = position // group_rows"
+    x = torch.randn(2, K, dtype=torch.float64)
+    base = layer.dequantize_base(torch.float64)
+    base[:, sal] = 0  # the layout zeroes salient slots whatever their codes
+    want = x @ base.t() + x[:, sal] @ L.sal_w[:k, :N].double()
+    torch.testing.assert_close(lay.layout_reference(x, L), want, rtol=1e-10, atol=1e-10)
