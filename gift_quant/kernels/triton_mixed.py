@@ -62,7 +62,8 @@ def _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, B
 def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                    M, K, N, Np, T, TPG, TS, TPS, SPS, stride_xm, stride_ym,
                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MB: tl.constexpr, SPLIT: tl.constexpr,
-                   IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, STAGES: tl.constexpr):
+                   IDENTITY: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                   STAGES: tl.constexpr):
     """Split-K decode: program (n, k) takes BN columns, the k-th run of TPS weight tiles (W chunks, 32*W
     rows, one group) and the k-th run of SPS tiles of FP16 columns, and applies each weight to all MB
     token slots. Sub-row s of a tile covers positions t*32*W + s*W + [0, W): W contiguous x values.
@@ -89,23 +90,30 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
         zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
         wp = qw_ptr + (t * W + offs_w)[:, None] * (BITS * Np) + offs_n[None, :]   # plane 0 of each chunk
         if BITS == 3:
-            wh = tl.load(wp + 2 * Np, mask=nmask[None, :], other=0)
+            wh = tl.load(wp + 2 * Np, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
         else:
-            wh = tl.zeros((W, BN), dtype=tl.int32)
-        part = tl.zeros((MB, W, BN), dtype=tl.float32)
+            wh = tl.zeros((W, BN), dtype=tl.uint32)
+        if MB == 1:  # one accumulator more, one FMUL per code less: the scale once per 32 codes
+            part = tl.zeros((MB, W, BN), dtype=tl.float32)
         for p in tl.static_range(NPL):
-            wl = tl.load(wp + p * Np, mask=nmask[None, :], other=0)
+            wl = tl.load(wp + p * Np, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)  # logical shifts
             for j in tl.static_range(PPW):
                 code = _codes(BITS, p, j, wl, wh)
                 f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]  # code - z, exact
                 pos = t * (32 * W) + (p * PPW + j) * W + offs_w
-                if IDENTITY:
+                if EVEN_K:  # identity order, no padding positions
+                    xv = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
+                elif IDENTITY:
                     xv = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
                 else:
                     src = tl.load(perm_ptr + pos)
                     xv = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
-                part += xv.to(tl.float32)[:, :, None] * f[None, :, :]
-        acc += part * sc[None, None, :]
+                if MB == 1:
+                    part += xv.to(tl.float32)[:, :, None] * f[None, :, :]
+                else:  # the scale on the weight, so registers stay one accumulator per token
+                    acc += xv.to(tl.float32)[:, :, None] * (f * sc[None, :])[None, :, :]
+        if MB == 1:
+            acc += part * sc[None, None, :]
     u0 = pid_k * SPS
     u1 = tl.minimum(u0 + SPS, TS)
     for u in range(u0, u1):  # FP16 columns: W of them per step (k padded with zero weights)
@@ -114,7 +122,89 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
         sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
         xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
         acc += xs.to(tl.float32)[:, :, None] * sw.to(tl.float32)[None, :, :]
-    y = tl.sum(acc, axis=1)                                                         # [MB, BN]
+    _splitk_finish(tl.sum(acc, axis=1), b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np,
+                   stride_ym, MB, BN, SPLIT, HAS_BIAS, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "TPS", "SPS", "stride_xm", "stride_ym"])
+def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                       M, K, N, Np, T, TPG, TS, TPS, SPS, stride_xm, stride_ym,
+                       BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MB: tl.constexpr,
+                       SPLIT: tl.constexpr, IDENTITY: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ATOMIC: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """Split-K for 2-16 tokens on tensor cores: the same work split as ``_splitk_kernel``, but each tile is
+    dequantized to (code - zero) in the activation dtype (exact: |code - zero| <= 255) as a [32*W, BN]
+    operand of one ``tl.dot`` with the [MB >= 16, 32*W] x tile (W contiguous x values per sub-row, so
+    the x tile is one contiguous run); the group's scale multiplies the [MB, BN] product once."""
+    PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    BK: tl.constexpr = 32 * W
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < Np
+    offs_m = tl.arange(0, MB)
+    mmask = offs_m < M
+    q = tl.arange(0, BK)                       # position in the tile: sub-row q // W of chunk q % W
+    sub = q // W
+    word = (q % W) * BITS + sub // PPW         # word of the tile (chunk-major, plane-minor)
+    if BITS == 3:
+        shift = (2 * (sub % 16)).to(tl.uint32)
+    else:
+        shift = (BITS * (sub % PPW)).to(tl.uint32)
+    xrows = x_ptr + offs_m[:, None] * stride_xm
+    xdt = x_ptr.dtype.element_ty
+    acc = tl.zeros((MB, BN), dtype=tl.float32)
+    t0 = pid_k * TPS
+    t1 = tl.minimum(t0 + TPS, T)
+    for t in tl.range(t0, t1, num_stages=STAGES):
+        g = t // TPG
+        sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
+        wp = qw_ptr + (t * (W * BITS) + word)[:, None] * Np + offs_n[None, :]
+        wv = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            hp = qw_ptr + (t * (W * 3) + (q % W) * 3 + 2)[:, None] * Np + offs_n[None, :]
+            wh = tl.load(hp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+            code = ((wv >> shift[:, None]) & 3) | (((wh >> sub.to(tl.uint32)[:, None]) & 1) << 2)
+        else:
+            code = (wv >> shift[:, None]) & ((1 << BITS) - 1)
+        f = ((code | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]).to(xdt)
+        pos = t * BK + q
+        if EVEN_K:
+            xt = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
+        elif IDENTITY:
+            xt = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
+        else:
+            src = tl.load(perm_ptr + pos)
+            xt = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
+        if IEEE:
+            part = tl.dot(xt, f, input_precision="ieee")
+        else:
+            part = tl.dot(xt, f)
+        acc += part * sc[None, :]
+    offs_k = tl.arange(0, 32)
+    u0 = pid_k * SPS
+    u1 = tl.minimum(u0 + SPS, TS)
+    for u in range(u0, u1):  # FP16 columns, 32 per step (k padded with zero weights)
+        ks = u * 32 + offs_k
+        si = tl.load(si_ptr + ks)
+        sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
+        xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(xs, sw.to(xdt), input_precision="ieee")
+        else:
+            acc += tl.dot(xs, sw.to(xdt))
+    _splitk_finish(acc, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np, stride_ym,
+                   MB, BN, SPLIT, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _splitk_finish(y, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np, stride_ym,
+                   MB: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+    """The cross-split reduction of a [MB, BN] fp32 partial, then bias and the store of y."""
+    mmask = offs_m < M
+    nmask = offs_n < Np
     omask = mmask[:, None] & (offs_n < N)[None, :]
     offs_mn = offs_m[:, None] * Np + offs_n[None, :]
     if SPLIT > 1:
@@ -275,21 +365,21 @@ def sm_count(device: torch.device) -> int:
 
 
 def splitk_config(M: int, Np: int, tiles: int, tile: int, device: torch.device) -> dict:
-    """Tile and split for the split-K kernel: BN columns per program, as many K splits as give
-    PROGRAMS_PER_SM programs per SM (at least one tile each); accumulators <= ~64 fp32 per thread."""
-    MB = _next_pow2(max(1, M))
+    """Kernel, tile and split for the split-K decode: 'fma' (CUDA cores, 1 token) or 'dot' (tensor cores,
+    2-16 tokens in a 16-row x tile); BN columns per program and as many K splits as give PROGRAMS_PER_SM
+    programs per SM, at least one tile each."""
+    kernel = "fma" if M == 1 else "dot"
+    MB = 1 if kernel == "fma" else 16
     if INTERPRET:  # programs run one by one: few, but more than one split so the reduction is exercised
         BN = min(64, max(16, _next_pow2(Np)))
         split = min(3, max(1, tiles))
-        return dict(BN=BN, MB=MB, SPLIT=split, num_warps=4, STAGES=1, ATOMIC=False)
+        return dict(KERNEL=kernel, BN=BN, MB=MB, SPLIT=split, num_warps=4, STAGES=1, ATOMIC=False)
     warps = 4
-    BN = 64
-    while BN > 16 and 2 * MB * tile * BN > 64 * 32 * warps:
-        BN //= 2
+    BN = 256 if kernel == "fma" else 64  # fma: 8 columns per thread share each x value
     blocks = -(-Np // BN)
     split = max(1, min(tiles, -(-PROGRAMS_PER_SM * sm_count(device) // blocks)))
     split = -(-tiles // -(-tiles // split))  # no empty split
-    return dict(BN=BN, MB=MB, SPLIT=split, num_warps=warps, STAGES=2, ATOMIC=False)
+    return dict(KERNEL=kernel, BN=BN, MB=MB, SPLIT=split, num_warps=warps, STAGES=2, ATOMIC=False)
 
 
 def gemm_config(M: int, N: int) -> dict:
@@ -339,7 +429,7 @@ def _check(x: torch.Tensor, L: TritonLayout):
 
 
 def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> torch.Tensor:
-    """The split-K decode kernel on up to SPLITK_MAX_TOKENS tokens (more: split into such calls)."""
+    """The split-K decode kernels on up to SPLITK_MAX_TOKENS tokens (more: split into such calls)."""
     M, K = x2d.shape
     N, Np = L.out_features, L.qweight.shape[1]
     y = _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
@@ -348,20 +438,27 @@ def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> to
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     bias = L.bias if L.bias is not None else L.scales
-    T, TS = L.tiles, L.sal_w.shape[0] // L.tile
+    T, KS = L.tiles, L.sal_w.shape[0]
+    even = L.identity_rows and K == L.chunks * 32
     for m0 in range(0, M, SPLITK_MAX_TOKENS):
         xs, ys = x2d[m0:m0 + SPLITK_MAX_TOKENS], y[m0:m0 + SPLITK_MAX_TOKENS]
         m = xs.shape[0]
         cfg = {**splitk_config(m, Np, T, L.tile, x2d.device), **(config or {})}
-        BN, MB, split = cfg["BN"], cfg["MB"], cfg["SPLIT"]
+        BN, MB, split, atomic = cfg["BN"], cfg["MB"], cfg["SPLIT"], cfg["ATOMIC"]
+        if cfg["KERNEL"] == "dot":
+            MB = max(16, MB)
         blocks = triton.cdiv(Np, BN)
-        ws, lock = WORKSPACE.get(x2d.device, (1 if cfg["ATOMIC"] else split) * MB * Np, blocks, cfg["ATOMIC"])
-        _splitk_kernel[(blocks, split)](
-            xs, L.qweight, L.perm_pos, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, ys, ws, lock,
-            m, K, N, Np, T, L.group_rows // (32 * L.tile), TS, triton.cdiv(T, split), triton.cdiv(TS, split),
-            xs.stride(0), ys.stride(0), BITS=L.bits, W=L.tile, BN=BN, MB=MB, SPLIT=split,
-            IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None, ATOMIC=cfg["ATOMIC"], STAGES=cfg["STAGES"],
-            num_warps=cfg["num_warps"])
+        ws, lock = WORKSPACE.get(x2d.device, (1 if atomic else split) * MB * Np, blocks, atomic)
+        TS = KS // (L.tile if cfg["KERNEL"] == "fma" else 32)
+        args = (xs, L.qweight, L.perm_pos, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, ys, ws, lock,
+                m, K, N, Np, T, L.group_rows // (32 * L.tile), TS, triton.cdiv(T, split), triton.cdiv(TS, split),
+                xs.stride(0), ys.stride(0))
+        const = dict(BITS=L.bits, W=L.tile, BN=BN, MB=MB, SPLIT=split, IDENTITY=L.identity_rows, EVEN_K=even,
+                     HAS_BIAS=L.bias is not None, ATOMIC=atomic, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+        if cfg["KERNEL"] == "dot":
+            _splitk_dot_kernel[(blocks, split)](*args, IEEE=x2d.dtype == torch.float32, **const)
+        else:
+            _splitk_kernel[(blocks, split)](*args, **const)
     return y
 
 

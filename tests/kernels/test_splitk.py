@@ -16,9 +16,9 @@ if not CUDA:
 
 triton = pytest.importorskip("triton")
 
-from gift_quant.kernels import layout as lay  # noqa: E402
-from gift_quant.kernels import triton_mixed as tm  # noqa: E402
-from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
+from gift_quant.kernels import layout as lay
+from gift_quant.kernels import triton_mixed as tm
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
@@ -67,17 +67,19 @@ def test_splitk_matches_float64(case):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_splitk_every_split_count_and_both_reductions(bits):
-    """1 split (direct store), splits that leave the last one short, more splits than tiles; ordered sum
+    """1 split (direct store), splits that leave the last one short, more splits than tiles, on both
+    kernels; ordered sum
     and atomics agree with the reference, and the ordered sum is bit-identical from call to call."""
     layer, L = _layout(300, 45, bits, 32, 7, True, 3 + bits, torch.float32)
-    x = torch.randn(3, 300, device=DEV)
-    ref = _ref(layer, x)
-    for split, atomic in [(1, False), (2, True), (4, False), (L.tiles + 2, True)]:
-        cfg = dict(SPLIT=split, ATOMIC=atomic)
-        y = tm.mixed_linear(x, L, "gemv", cfg)
-        assert _err(y, ref) < TOL[torch.float32], cfg
-        if not atomic:
-            assert torch.equal(y, tm.mixed_linear(x, L, "gemv", cfg)), "ordered reduction is deterministic"
+    for tokens in (1, 3):  # the CUDA-core kernel (1 token) and the tensor-core one
+        x = torch.randn(tokens, 300, device=DEV)
+        ref = _ref(layer, x)
+        for split, atomic in [(1, False), (2, True), (4, False), (L.tiles + 2, True)]:
+            cfg = dict(SPLIT=split, ATOMIC=atomic)
+            y = tm.mixed_linear(x, L, "gemv", cfg)
+            assert _err(y, ref) < TOL[torch.float32], (tokens, cfg)
+            if not atomic:
+                assert torch.equal(y, tm.mixed_linear(x, L, "gemv", cfg)), "ordered reduction is deterministic"
     for atomic in (False, True):
         ws, lock = tm.WORKSPACE.bufs[(x.device, atomic)]
         assert not lock.any() and (not atomic or not ws.any()), "the kernel leaves its workspace zeroed"
@@ -85,7 +87,7 @@ def test_splitk_every_split_count_and_both_reductions(bits):
 
 def test_splitk_applies_one_tile_to_every_token():
     """Each token's row equals that token run alone (no cross-token leakage), up to fp32 rounding."""
-    layer, L = _layout(256, 40, 4, 64, 7, False, 5, torch.float32)
+    _, L = _layout(256, 40, 4, 64, 7, False, 5, torch.float32)
     x = torch.randn(5, 256, device=DEV)
     y = tm.mixed_linear(x, L, "gemv")
     for m in range(5):
