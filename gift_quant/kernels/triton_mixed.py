@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_launch
 from .layout import TritonLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -58,14 +59,14 @@ def _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, B
     return sc, zf, wh
 
 
-@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "TPS", "SPS", "stride_xm", "stride_ym"])
+@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "stride_xm", "stride_ym"])
 def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
-                   M, K, N, Np, T, TPG, TS, TPS, SPS, stride_xm, stride_ym,
+                   M, K, N, Np, T, TPG, TS, stride_xm, stride_ym,
                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MB: tl.constexpr, SPLIT: tl.constexpr,
                    IDENTITY: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                    STAGES: tl.constexpr):
-    """Split-K decode: program (n, k) takes BN columns, the k-th run of TPS weight tiles (W chunks, 32*W
-    rows, one group) and the k-th run of SPS tiles of FP16 columns, and applies each weight to all MB
+    """Split-K decode: program (n, k) takes BN columns, the k-th of SPLIT balanced runs of weight tiles (W chunks, 32*W
+    rows, one group) and the k-th run of FP16-column steps, and applies each weight to all MB
     token slots. Sub-row s of a tile covers positions t*32*W + s*W + [0, W): W contiguous x values.
     The partial sums meet in ``ws``: ATOMIC adds into [MB, Np] (order of arrival: not deterministic),
     otherwise each split stores its own slice [SPLIT, MB, Np] and the last program of the column block
@@ -82,8 +83,8 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
     mmask = offs_m < M
     xrows = x_ptr + offs_m[:, None] * stride_xm                                   # [MB, 1]
     acc = tl.zeros((MB, W, BN), dtype=tl.float32)
-    t0 = pid_k * TPS
-    t1 = tl.minimum(t0 + TPS, T)
+    t0 = pid_k * T // SPLIT  # balanced runs: split k takes tiles [k*T/SPLIT, (k+1)*T/SPLIT)
+    t1 = (pid_k + 1) * T // SPLIT
     for t in tl.range(t0, t1, num_stages=STAGES):
         g = t // TPG
         sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
@@ -114,8 +115,8 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
                     acc += xv.to(tl.float32)[:, :, None] * (f * sc[None, :])[None, :, :]
         if MB == 1:
             acc += part * sc[None, None, :]
-    u0 = pid_k * SPS
-    u1 = tl.minimum(u0 + SPS, TS)
+    u0 = pid_k * TS // SPLIT
+    u1 = (pid_k + 1) * TS // SPLIT
     for u in range(u0, u1):  # FP16 columns: W of them per step (k padded with zero weights)
         ks = u * W + offs_w
         si = tl.load(si_ptr + ks)
@@ -126,9 +127,9 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
                    stride_ym, MB, BN, SPLIT, HAS_BIAS, ATOMIC)
 
 
-@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "TPS", "SPS", "stride_xm", "stride_ym"])
+@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "stride_xm", "stride_ym"])
 def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
-                       M, K, N, Np, T, TPG, TS, TPS, SPS, stride_xm, stride_ym,
+                       M, K, N, Np, T, TPG, TS, stride_xm, stride_ym,
                        BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MB: tl.constexpr,
                        SPLIT: tl.constexpr, IDENTITY: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ATOMIC: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
@@ -154,8 +155,8 @@ def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_
     xrows = x_ptr + offs_m[:, None] * stride_xm
     xdt = x_ptr.dtype.element_ty
     acc = tl.zeros((MB, BN), dtype=tl.float32)
-    t0 = pid_k * TPS
-    t1 = tl.minimum(t0 + TPS, T)
+    t0 = pid_k * T // SPLIT  # balanced runs: split k takes tiles [k*T/SPLIT, (k+1)*T/SPLIT)
+    t1 = (pid_k + 1) * T // SPLIT
     for t in tl.range(t0, t1, num_stages=STAGES):
         g = t // TPG
         sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
@@ -183,8 +184,8 @@ def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_
             part = tl.dot(xt, f)
         acc += part * sc[None, :]
     offs_k = tl.arange(0, 32)
-    u0 = pid_k * SPS
-    u1 = tl.minimum(u0 + SPS, TS)
+    u0 = pid_k * TS // SPLIT
+    u1 = (pid_k + 1) * TS // SPLIT
     for u in range(u0, u1):  # FP16 columns, 32 per step (k padded with zero weights)
         ks = u * 32 + offs_k
         si = tl.load(si_ptr + ks)
@@ -378,7 +379,6 @@ def splitk_config(M: int, Np: int, tiles: int, tile: int, device: torch.device) 
     BN = 256 if kernel == "fma" else 64  # fma: 8 columns per thread share each x value
     blocks = -(-Np // BN)
     split = max(1, min(tiles, -(-PROGRAMS_PER_SM * sm_count(device) // blocks)))
-    split = -(-tiles // -(-tiles // split))  # no empty split
     return dict(KERNEL=kernel, BN=BN, MB=MB, SPLIT=split, num_warps=warps, STAGES=2, ATOMIC=False)
 
 
@@ -451,15 +451,27 @@ def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> to
         ws, lock = WORKSPACE.get(x2d.device, (1 if atomic else split) * MB * Np, blocks, atomic)
         TS = KS // (L.tile if cfg["KERNEL"] == "fma" else 32)
         args = (xs, L.qweight, L.perm_pos, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, ys, ws, lock,
-                m, K, N, Np, T, L.group_rows // (32 * L.tile), TS, triton.cdiv(T, split), triton.cdiv(TS, split),
-                xs.stride(0), ys.stride(0))
+                m, K, N, Np, T, L.group_rows // (32 * L.tile), TS, xs.stride(0), ys.stride(0))
         const = dict(BITS=L.bits, W=L.tile, BN=BN, MB=MB, SPLIT=split, IDENTITY=L.identity_rows, EVEN_K=even,
                      HAS_BIAS=L.bias is not None, ATOMIC=atomic, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
         if cfg["KERNEL"] == "dot":
-            _splitk_dot_kernel[(blocks, split)](*args, IEEE=x2d.dtype == torch.float32, **const)
+            fn = _splitk_dot_kernel
+            const["IEEE"] = x2d.dtype == torch.float32
         else:
-            _splitk_kernel[(blocks, split)](*args, **const)
+            fn = _splitk_kernel
+        if INTERPRET:
+            fn[(blocks, split)](*args, **const)
+        else:
+            key = (fn.__name__, tuple(const.items()), xs.dtype, xs.data_ptr() % 16 == 0, ys.data_ptr() % 16 == 0)
+            triton_launch.launch(fn, (blocks, split, 1), args, const, _direct_cache(L), key, ys, check=not atomic)
     return y
+
+
+def _direct_cache(L: TritonLayout) -> dict:
+    c = L.__dict__.get("_direct")
+    if c is None:
+        c = L.__dict__["_direct"] = {}
+    return c
 
 
 def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config: dict | None = None) -> torch.Tensor:

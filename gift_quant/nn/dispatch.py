@@ -27,6 +27,7 @@ from ..kernels.triton_ops import (
 )
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+CUDA_GEMV_MAX_TOKENS = 4  # the opt-in C++ kernel's GEMV runs one program per token: prefill path above 4
 _ALIASES = {"off": "torch", "0": "torch", "false": "torch", "no": "torch", "": "auto", "pytorch": "torch"}
 _CACHE_ATTR = "_gift_kernel_cache"
 
@@ -211,14 +212,16 @@ def self_check(backend: str, bits: int, dtype: torch.dtype, device: torch.device
     return _checked[key]
 
 
-def _run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None) -> torch.Tensor:
+def _run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None,
+         prefill: str | None = None) -> torch.Tensor:
     gmt = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
     if backend == "triton":
         from ..kernels import triton_ops
-        return triton_ops.run(x, prepared(layer, "triton", x.dtype), gmt)
+        return triton_ops.run(x, prepared(layer, "triton", x.dtype), gmt, prefill)
     if backend == "cuda":
         from ..kernels import ops
-        return ops.run_op(x, layer, prepared(layer, "cuda", x.dtype), gmt)
+        return ops.run_op(x, layer, prepared(layer, "cuda", x.dtype),
+                          CUDA_GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens)
     return torch_forward(x, layer)
 
 
@@ -268,6 +271,11 @@ def _resolve(x: torch.Tensor, layer, backend: str | None) -> str:
     return name
 
 
+def _interpreting() -> bool:
+    raw = _interp_env()
+    return raw is not None and raw.strip() not in (b"", b"0", "", "0")
+
+
 def _wants_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
@@ -276,8 +284,37 @@ def needs_autograd(x: torch.Tensor, layer) -> bool:
     return torch.is_grad_enabled() and (_tensors(layer, ("salient_weight",))[0].requires_grad or x.requires_grad)
 
 
+_FROZEN_ATTR = "_gift_frozen"
+
+
+class _Frozen:
+    """What prepare_model fixed for one layer: backend, dtype, layout and the tuned token policy, valid
+    while the same weight tensors (identity and ``_version``) and the same GIFT_QUANT_KERNEL are there."""
+    __slots__ = ("backend", "dtype", "device", "layout", "gmt", "prefill", "tensors", "env", "sw")
+
+    def __init__(self, layer, backend, dtype, layout, gmt, prefill):
+        self.backend, self.dtype, self.layout, self.gmt, self.prefill = backend, dtype, layout, gmt, prefill
+        self.device = layer.qweight.device
+        self.sw = layer.salient_weight
+        self.tensors = [(n, t, t._version) for n, t in zip(_KERNEL, _tensors(layer, _KERNEL)) if t is not None]
+        self.env = _kernel_env()
+
+    def valid(self, layer) -> bool:
+        b, p = layer._buffers, layer._parameters
+        for n, t, v in self.tensors:
+            if (b.get(n) if n in b else p.get(n)) is not t or t._version != v:
+                return False
+        return self.env == _kernel_env()
+
+
 def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor:
     """y = x @ dequant(base)^T + x[..., salient_idx] @ salient_weight^T (+ bias), on the chosen backend."""
+    fz = layer.__dict__.get(_FROZEN_ATTR)
+    if (fz is not None and backend is None and x.dtype == fz.dtype and x.device == fz.device
+            and not (torch.is_grad_enabled() and (x.requires_grad or fz.sw.requires_grad))
+            and not torch.compiler.is_compiling() and fz.valid(layer)):
+        from ..kernels import triton_ops
+        return triton_ops._forward(x, fz.layout, fz.gmt, fz.prefill)  # the frozen eager route
     if needs_autograd(x, layer):
         return torch_forward(x, layer)
     return _run(resolve(x, layer, backend), x, layer)
@@ -286,13 +323,16 @@ def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> 
 def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
                   warmup_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 64)) -> int:
     """Build every MixedPrecisionLinear's kernel layout and compile/run its kernels once per token bucket,
-    so that torch.compile and CUDA-graph capture never build or compile anything. Returns the number of
-    layers on a kernel backend."""
+    so that torch.compile and CUDA-graph capture never build or compile anything. Each such layer's backend,
+    layout and token policy (the GPU's tuned table, :mod:`gift_quant.kernels.tuned`) are then frozen: an
+    eager call skips the backend choice and the layout-cache key; replacing or writing a weight tensor, or
+    changing GIFT_QUANT_KERNEL, falls back to the full route. Returns the number of layers on a kernel
+    backend."""
     from .mixed_linear import MixedPrecisionLinear
     n = 0
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, MixedPrecisionLinear) or not m.qweight.is_cuda:
+            if not isinstance(m, MixedPrecisionLinear) or not (m.qweight.is_cuda or _interpreting()):
                 continue
             dt = dtype or m.scales.dtype
             probe = torch.zeros(1, m.in_features, device=m.qweight.device, dtype=dt)
@@ -300,9 +340,32 @@ def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
             if backend == "torch":
                 continue
             n += 1
+            gmt = prefill = None
+            if backend == "triton":
+                gmt, prefill = _policy(m)
             for t in warmup_tokens:
-                _run(backend, torch.randn(t, m.in_features, device=m.qweight.device).to(dt), m)
+                _run(backend, torch.randn(t, m.in_features, device=m.qweight.device).to(dt), m, gmt, prefill)
+            if backend == "triton":
+                m.__dict__[_FROZEN_ATTR] = _Frozen(m, backend, dt, prepared(m, backend, dt), gmt, prefill)
     return n
+
+
+def _policy(layer) -> tuple[int, str]:
+    """(gemv_max_tokens, prefill path) for a layer: the GPU's tuned table (gift_quant.kernels.tuned), unless
+    GIFT_QUANT_GEMV_MAX_TOKENS / GIFT_QUANT_TRITON_PREFILL are set, which win."""
+    from ..kernels import triton_ops, tuned
+    gmt, prefill = tuned.choice(layer.qweight.device, layer.bits, layer.in_features, layer.out_features)
+    if os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS"):
+        gmt = GEMV_MAX_TOKENS
+    if os.environ.get("GIFT_QUANT_TRITON_PREFILL"):
+        prefill = triton_ops.PREFILL_PATH
+    return gmt, prefill
+
+
+def unfreeze(model: torch.nn.Module):
+    """Drop what prepare_model froze (the next calls choose and look up again)."""
+    for m in model.modules():
+        m.__dict__.pop(_FROZEN_ATTR, None)
 
 
 def reset():

@@ -119,3 +119,55 @@ def test_layout_groups_are_equal_and_contiguous():
     base[:, sal] = 0  # the layout zeroes salient slots whatever their codes
     want = x @ base.t() + x[:, sal] @ L.sal_w[:k, :N].double()
     torch.testing.assert_close(lay.layout_reference(x, L), want, rtol=1e-10, atol=1e-10)
+
+
+def test_prepare_model_freezes_and_a_weight_write_unfreezes(monkeypatch):
+    """After prepare_model an eager call takes the frozen route (no backend choice, no layout key); an
+    in-place write to a weight, or a replaced tensor, is seen on the next call."""
+    from gift_quant.nn import dispatch
+    monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
+    dispatch.reset()
+    layer = MixedPrecisionLinear.random(96, 40, 3, 32, 5, bias=True, seed=9).to(DEV)
+    assert dispatch.prepare_model(layer, torch.float16, warmup_tokens=(1, 3)) == 1
+    assert layer.__dict__[dispatch._FROZEN_ATTR].valid(layer)
+    calls = []
+    monkeypatch.setattr(dispatch, "resolve", lambda *a, **k: calls.append(a) or "triton")
+    x = torch.randn(3, 96, device=DEV).to(torch.float16)
+    with torch.no_grad():
+        assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16] and not calls
+        layer.scales.mul_(2)
+        assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16] and calls
+        layer.scales = layer.scales / 2
+        assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16]
+    dispatch.unfreeze(layer)
+    assert dispatch._FROZEN_ATTR not in layer.__dict__
+    dispatch.reset()
+
+
+def test_tuned_policy_reads_a_table_and_defaults_without_one(tmp_path):
+    from gift_quant.kernels import tuned
+    assert tuned.policy(None, 4, 4096, 4096) == (tuned.DEFAULT_GEMV_MAX_TOKENS, tuned.DEFAULT_PREFILL)
+    rows = [{"bits": 4, "K": 4096, "N": 4096, "batch": b, "us_fp16": 10.0, "us_triton_gemv": g,
+             "us_triton_dequant": d, "us_triton_gemm": 99.0} for b, g, d in
+            [(1, 3.0, 9.0), (2, 3.0, 9.0), (4, 4.0, 9.0), (8, 9.5, 9.0), (16, 20.0, 9.0), (64, None, 9.0)]]
+    path = tuned.write(tmp_path / "t.json", "Some GPU", (9, 0), rows, "test", "now")
+    import json
+    table = json.loads(path.read_text())
+    assert tuned.policy(table, 4, 4096, 4096) == (4, "dequant")   # split-K up to 4 tokens, then dequant
+    assert tuned.policy(table, 4, 4096, 11008) == (4, "dequant")  # nearest measured shape
+    assert tuned.policy(table, 2, 4096, 4096) == (tuned.DEFAULT_GEMV_MAX_TOKENS, tuned.DEFAULT_PREFILL)
+    assert tuned.table_name("NVIDIA H200", (9, 0)) == "nvidia-h200-sm90.json"
+
+
+@pytest.mark.skipif(not CUDA, reason="direct launches are for compiled kernels on a GPU")
+def test_direct_launch_matches_triton_launcher():
+    """The first call compiles through Triton, the second checks the direct launch against Triton's
+    bit for bit, later calls launch directly; all equal, and direct launches stay on."""
+    from gift_quant.kernels import triton_launch
+    _, L = _layout(512, 200, 4, 128, 7, False, 1, torch.float16)
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 512, device=DEV).to(torch.float16)
+        ys = [tm.mixed_linear(x, L, "gemv") for _ in range(4)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:])
+    assert triton_launch._state["ok"], "direct launch was switched off"
+    assert L.__dict__["_direct"] and all(e.checked for e in L.__dict__["_direct"].values())
