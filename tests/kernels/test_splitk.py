@@ -124,14 +124,14 @@ def test_layout_groups_are_equal_and_contiguous():
 def test_prepare_model_freezes_and_a_weight_write_unfreezes(monkeypatch):
     """After prepare_model an eager call takes the frozen route (no backend choice, no layout key); an
     in-place write to a weight, or a replaced tensor, is seen on the next call."""
-    from gift_quant.nn import dispatch
+    from gift_quant.nn import backends, dispatch
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
     dispatch.reset()
     layer = MixedPrecisionLinear.random(96, 40, 3, 32, 5, bias=True, seed=9).to(DEV)
     assert dispatch.prepare_model(layer, torch.float16, warmup_tokens=(1, 3)) == 1
     assert layer.__dict__[dispatch._FROZEN_ATTR].valid(layer)
     calls = []
-    monkeypatch.setattr(dispatch, "resolve", lambda *a, **k: calls.append(a) or "triton")
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: calls.append(a) or "triton")
     x = torch.randn(3, 96, device=DEV).to(torch.float16)
     with torch.no_grad():
         assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16] and not calls
