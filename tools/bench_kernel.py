@@ -218,6 +218,14 @@ def main(argv=None):
             lay_bytes = L.nbytes() if L is not None else (base.qweight.numel() * 4 + base.scales.numel() * 2
                                                           + base.zeros().numel() + N * base.n_salient * 2
                                                           + base.n_salient * 4)
+            int4 = False
+            if L is not None and bits == 4 and dtype == torch.bfloat16:
+                from gift_quant.kernels import torch_int4
+                if torch_int4.unavailable(L) is None:
+                    for m in layers:
+                        lo = dispatch.prepared(m, "triton", dtype)
+                        lo.__dict__["_int4"] = torch_int4.build(lo)
+                    int4 = True
             w_ref = base.dequantize(torch.float32)
             print(f"# {K}x{N} {bits}-bit: {copies} copies, setup {time.time() - t0:.1f}s", flush=True)
             for batch in batches:
@@ -235,9 +243,11 @@ def main(argv=None):
                     if "triton" in backends:
                         from gift_quant.kernels import triton_ops
                         default_prefill = triton_ops.PREFILL_PATH
-                        for path, gmt in (("gemv", BIG), ("gemm", 0), ("dequant", 0)):
+                        for path, gmt in (("gemv", BIG), ("gemm", 0), ("dequant", 0), ("int4pack", 0)):
                             if path == "gemv" and batch > 16:
                                 continue  # the GEMV is for decode (<= 16 tokens)
+                            if path == "int4pack" and not int4:
+                                continue  # aten's int4 kernel: 4 bits, bf16 activations
                             triton_ops.PREFILL_PATH = default_prefill if path == "gemv" else path
                             try:
                                 row[f"err_triton_{path}"] = err(run("triton", xs[0], base, gmt))
@@ -314,9 +324,10 @@ def main(argv=None):
             else:
                 md += (f"| {r['K']}x{r['N']} | {r['bits']} | {cfg} | {r['us']:.1f} | {r['speedup']:.2f}x | "
                        f"{_f(r.get('pct_copy_bw'), '.0f')}% | {r['err']:.1e} |\n")
-    if a.tuned_out and cuda:
+    if a.tuned_out:
         from gift_quant.kernels import tuned
-        name, cap = torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
+        name, cap = ((torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))) if cuda
+                     else ("cpu smoke test", (0, 0)))
         tp = tuned.write(Path(a.tuned_out) / tuned.table_name(name, cap), name, cap, rows,
                          "python tools/bench_kernel.py " + " ".join(meta["argv"]), meta["date"])
         md += f"\nTuned table written: `{tp.name}` (copy it into gift_quant/kernels/tuned_tables/).\n"

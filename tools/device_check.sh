@@ -45,7 +45,7 @@ START=$(date +%s)
 # DEVICE_CHECK_SMOKE=1: tiny shapes on CPU, to check this script itself without a GPU (numbers meaningless)
 SMOKE=${DEVICE_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
-  KSHAPE="--shapes 256x384 --batches 1,4,20 --bits 4,2 --device cpu --sweep="
+  KSHAPE="--shapes 128x96 --batches 1,20 --bits 4 --salient 8 --device cpu --sweep="
   export TRITON_INTERPRET=1
   E2E="--layers 1 --hidden 128 --intermediate 256 --heads 4 --vocab 512 --device cpu --prompt-len 8 --new-tokens 4"
   SMOL="64 128 2 4 2 512"; DEV=cpu

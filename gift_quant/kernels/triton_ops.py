@@ -19,7 +19,7 @@ from .layout import TritonLayout
 # token counts up to this take the split-K decode kernel (each weight tile applied to every token of the
 # call), more the prefill path; a tuned table (gift_quant.kernels.tuned) may lower it per shape
 GEMV_MAX_TOKENS = int(os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS", "16"))
-PREFILL_PATHS = ("dequant", "gemm")
+PREFILL_PATHS = ("dequant", "gemm", "int4pack")
 PREFILL_PATH = os.environ.get("GIFT_QUANT_TRITON_PREFILL", "dequant")
 
 
@@ -32,6 +32,12 @@ def _forward(x: Tensor, L: TritonLayout, gemv_max_tokens: int, prefill: str) -> 
     from . import triton_mixed
     x2d = x.reshape(-1, L.in_features)
     path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
+    if path == "int4pack":  # aten's 4-bit kernel, packed by prepare_model on the layout (bf16 only)
+        P = L.__dict__.get("_int4")
+        if P is not None and x.dtype == torch.bfloat16:
+            from . import torch_int4
+            return torch_int4.forward(x2d, P).reshape(*x.shape[:-1], L.out_features)
+        path = "dequant"  # not packed (the custom op rebuilds its layout per call) or not bf16
     return triton_mixed.mixed_linear(x2d, L, path).reshape(*x.shape[:-1], L.out_features)
 
 
@@ -53,7 +59,8 @@ def _(x, qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_fe
 
 def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = GEMV_MAX_TOKENS, prefill: str | None = None) -> Tensor:
     """The op on a prepared layout. ``gemv_max_tokens`` 0 forces the prefill path, a large value the GEMV;
-    ``prefill`` (default ``PREFILL_PATH``) is 'dequant' or 'gemm'."""
+    ``prefill`` (default ``PREFILL_PATH``) is 'dequant', 'gemm' or 'int4pack' (eager and bf16 only, on a
+    layout prepare_model packed for it; otherwise 'dequant')."""
     prefill = prefill or PREFILL_PATH
     if prefill not in PREFILL_PATHS:
         raise ValueError(f"GIFT_QUANT_TRITON_PREFILL must be one of {', '.join(PREFILL_PATHS)}, got {prefill!r}")

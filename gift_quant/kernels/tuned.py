@@ -9,8 +9,8 @@ Table format::
      "entries": [{"bits": 4, "K": 4096, "N": 11008, "tokens": 1, "path": "gemv", "us": 9.1,
                   "us_fp16": 25.0}, ...]}
 
-``path`` is 'gemv' (the split-K decode kernels), 'gemm' (the tl.dot prefill kernel) or 'dequant' (W^T
-once, then the library GEMM); ``config`` (optional) overrides the split-K tile choice.
+``path`` is 'gemv' (the split-K decode kernels), 'gemm' (the tl.dot prefill kernel), 'dequant' (W^T
+once, then the library GEMM) or 'int4pack' (aten._weight_int4pack_mm, 4 bits, bf16 tables only).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TABLES = Path(__file__).with_name("tuned_tables")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 64)
 DEFAULT_GEMV_MAX_TOKENS = 16   # the split-K kernels up to 16 tokens, then dequant + library GEMM
 DEFAULT_PREFILL = "dequant"
-PATHS = ("gemv", "gemm", "dequant")
+PATHS = ("gemv", "gemm", "dequant", "int4pack")
 
 
 def table_name(device_name: str, capability: tuple[int, int]) -> str:

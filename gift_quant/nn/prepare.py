@@ -35,6 +35,8 @@ def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
             gmt = prefill = None
             if backend == "triton":
                 gmt, prefill = _policy(m)
+                if prefill == "int4pack":
+                    _pack_int4(m, dt)
             for t in warmup_tokens:
                 backends._run(backend, torch.randn(t, m.in_features, device=m.qweight.device).to(dt), m, gmt, prefill)
             if backend == "triton":
@@ -58,3 +60,11 @@ def unfreeze(model: torch.nn.Module):
     """Drop what prepare_model froze (the next calls choose and look up again)."""
     for m in model.modules():
         m.__dict__.pop(_FROZEN_ATTR, None)
+
+
+def _pack_int4(layer, dtype: torch.dtype):
+    """Pack the layer's layout for aten._weight_int4pack_mm where the table chose it and it can run."""
+    from ..kernels import torch_int4
+    L = prepared(layer, "triton", dtype)
+    if dtype == torch.bfloat16 and torch_int4.unavailable(L) is None and "_int4" not in L.__dict__:
+        L.__dict__["_int4"] = torch_int4.build(L)

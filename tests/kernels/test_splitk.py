@@ -171,3 +171,35 @@ def test_direct_launch_matches_triton_launcher():
         assert all(torch.equal(ys[0], y) for y in ys[1:])
     assert triton_launch._state["ok"], "direct launch was switched off"
     assert L.__dict__["_direct"] and all(e.checked for e in L.__dict__["_direct"].values())
+
+
+@pytest.mark.parametrize("gs,act,k", [(32, False, 0), (64, True, 7), (128, True, 128), (128, False, 1)])
+def test_int4pack_candidate_matches_float64_in_bf16(gs, act, k):
+    """aten._weight_int4pack_mm (CPU twin here) on the equal-group layout: zero point as s * (8 - z),
+    act-order through perm_pos, FP16 columns on top; bf16 activations."""
+    from gift_quant.kernels import torch_int4
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu" if DEV == "cpu" else "_weight_int4pack_mm"):
+        pytest.skip("this torch has no int4pack op")
+    layer, L = _layout(256, 48, 4, gs, k, act, 21 + gs, torch.float32)
+    assert torch_int4.unavailable(L) is None
+    P = torch_int4.build(L)
+    x = torch.randn(3, 256, device=DEV).to(torch.bfloat16)
+    y = torch_int4.forward(x, P)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 48)
+    assert _err(y, _ref(layer, x)) < 2e-2
+    _, L3 = _layout(256, 48, 3, gs, k, act, 1, torch.float32)
+    assert "4 bits only" in torch_int4.unavailable(L3)
+
+
+def test_int4pack_path_only_where_packed_and_bf16():
+    """The op takes 'int4pack' only on a layout packed for it with bf16 input; otherwise 'dequant'."""
+    from gift_quant.kernels import torch_int4, triton_ops
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu" if DEV == "cpu" else "_weight_int4pack_mm"):
+        pytest.skip("this torch has no int4pack op")
+    layer, L = _layout(256, 48, 4, 64, 7, True, 3, torch.float32)
+    x = torch.randn(20, 256, device=DEV)
+    y = triton_ops.run(x, L, 0, "int4pack")  # not packed: dequant, exact in fp32
+    assert _err(y, _ref(layer, x)) < TOL[torch.float32]
+    L.__dict__["_int4"] = torch_int4.build(L)
+    yb = triton_ops.run(x.to(torch.bfloat16), L, 0, "int4pack")
+    assert yb.dtype == torch.bfloat16 and _err(yb, _ref(layer, x.to(torch.bfloat16))) < 2e-2
