@@ -239,7 +239,7 @@ def _splitk_finish(y, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs
 def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
                  M, K, N, Np, C, KS, stride_xm, stride_ym,
                  BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                 IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                 IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TW: tl.constexpr):
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -267,9 +267,9 @@ def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
         else:
             code = (wl >> (BITS * (sub % PPW))[:, None]) & ((1 << BITS) - 1)
         w = ((code.to(tl.float32) - z) * sc).to(xdt)
-        if IDENTITY:
-            src = rows
-            xm = rows < K
+        if IDENTITY:  # identity positions: slot (chunk, sub-row) -> position, no perm load
+            src = (ch // TW) * (32 * TW) + sub * TW + ch % TW
+            xm = src < K
         else:
             src = tl.load(perm_ptr + rows, mask=cmask, other=-1)
             xm = src >= 0
@@ -297,7 +297,8 @@ def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
 
 @triton.jit(do_not_specialize=["K", "C"])
 def _dequant_kernel(qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, w_ptr, K, Np, C,
-                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, IDENTITY: tl.constexpr):
+                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, IDENTITY: tl.constexpr,
+                    TW: tl.constexpr):
     """W^T [K, Np] in the activation dtype: W chunks x BN columns per program, each packed row written to
     its input feature (padding rows dropped). Salient rows come out 0 (their codes are the zero-point)."""
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
@@ -313,9 +314,9 @@ def _dequant_kernel(qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, w_ptr, K, Np, C,
             code = _codes(BITS, p, j, wl, wh)
             v = ((code | 0x4B000000).to(tl.float32, bitcast=True) - zf) * sc
             rows = ch * 32 + (p * PPW + j)
-            if IDENTITY:
-                dst = rows
-                ok = cmask & (rows < K)
+            if IDENTITY:  # slot (chunk, sub-row) -> position
+                dst = (ch // TW) * (32 * TW) + (p * PPW + j) * TW + ch % TW
+                ok = cmask & (dst < K)
             else:
                 dst = tl.load(perm_ptr + rows, mask=cmask, other=-1)
                 ok = dst >= 0
@@ -336,7 +337,7 @@ def dequantize_t(L: TritonLayout, dtype: torch.dtype) -> torch.Tensor:
     BN = min(64, max(16, _next_pow2(Np))) if INTERPRET else 128
     grid = (triton.cdiv(L.chunks, W), triton.cdiv(Np, BN))
     _dequant_kernel[grid](L.qweight, L.perm, L.gchunk, L.scales, L.zeros, w, K, Np, L.chunks,
-                          BITS=L.bits, W=W, BN=BN, IDENTITY=_slot_identity(L), num_warps=4)
+                          BITS=L.bits, W=W, BN=BN, IDENTITY=L.identity_rows, TW=L.tile, num_warps=4)
     if L.sal_w.shape[0]:
         w.index_add_(0, L.sal_idx, L.sal_w.to(dtype))  # padding entries add 0 to feature 0
     return w
@@ -344,11 +345,6 @@ def dequantize_t(L: TritonLayout, dtype: torch.dtype) -> torch.Tensor:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _slot_identity(L: TritonLayout) -> bool:
-    """Whether slot r is input feature r (the chunk-major kernels: dequant, gemm)."""
-    return L.identity_rows and L.tile == 1
 
 
 SPLITK_MAX_TOKENS = 16
@@ -501,6 +497,6 @@ def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config:
     _gemm_kernel[grid](x2d, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, y,
                        M, K, N, Np, L.chunks, L.sal_w.shape[0], x2d.stride(0), y.stride(0),
                        BITS=L.bits, BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"],
-                       IDENTITY=_slot_identity(L), HAS_BIAS=L.bias is not None,
+                       IDENTITY=L.identity_rows, TW=L.tile, HAS_BIAS=L.bias is not None,
                        IEEE=x2d.dtype == torch.float32, num_warps=cfg["num_warps"])
     return y
