@@ -3,7 +3,8 @@
 The H200 device check (BENCHMARKS.md) measured eager 7B-shaped decode at 0.34-0.50x FP16 although the
 Triton GEMV alone is 1.07-1.29x fp16: 130-185 us per Linear went to Python, not to the GPU. This tool
 measures that host time. On CPU the Triton launch is replaced by an allocation of the output, so what
-remains is module call, backend choice, layout-cache lookup and op dispatch. On CUDA nothing is stubbed:
+remains is module call, backend choice, layout-cache lookup and op dispatch; the last row is the same call after ``prepare_model``
+froze the backend, layout and token policy. On CUDA nothing is stubbed:
 the layer is small (256x256, a few us of GPU work), so a loop of asynchronous calls measures host time,
 and one more row times the bare Triton launch (``triton_mixed.mixed_linear``). It times the same layer
 through the torch.library custom op (what torch.compile traces) and through the eager route, in one
@@ -74,14 +75,19 @@ def main(argv=None):
             def via_op():
                 return torch.ops.gift_quant.mixed_linear_triton(
                     x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, L.bias, L.bits,
-                    L.in_features, L.out_features, L.identity_rows, 4, "dequant")
+                    L.in_features, L.out_features, L.identity_rows, 4, "dequant", L.perm_pos, L.tile, L.group_rows)
             rows = [("dense F.linear (256x256, 1 token)", per_call_us(lambda: F.linear(x, w), a.calls)),
                     ("custom op alone (torch.ops.gift_quant.mixed_linear_triton)", per_call_us(via_op, a.calls)),
                     ("eager route alone (triton_ops.run)", per_call_us(lambda: triton_ops.run(x, L, 4), a.calls)),
                     ("layout-cache lookup (dispatch.prepared)",
                      per_call_us(lambda: dispatch.prepared(layer, "triton", x.dtype), a.calls)),
                     ("backend choice (dispatch.resolve)", per_call_us(lambda: dispatch.resolve(x, layer), a.calls)),
-                    ("whole layer(x), eager", per_call_us(lambda: layer(x), a.calls))] + launch
+                    ("whole layer(x), eager", per_call_us(lambda: layer(x), a.calls))]
+            dispatch.prepare_model(layer, dt, warmup_tokens=(1,))
+            rows.append(("whole layer(x), eager, after prepare_model (frozen route)",
+                         per_call_us(lambda: layer(x), a.calls)))
+            dispatch.unfreeze(layer)
+            rows += launch
         finally:
             triton_mixed.mixed_linear = real
     dense = rows[0][1]

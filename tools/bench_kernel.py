@@ -129,7 +129,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="triton", help="comma list of triton, cuda, torch (fp16 always runs)")
     ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="KxN (in x out) list")
-    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--batches", default="1,2,4,8,16,64")
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--quick", action="store_true", help="4096x11008,11008x4096 at batch 1,16, bits 4,2")
     ap.add_argument("--salient", type=int, default=128)
@@ -138,9 +138,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--l2-factor", type=float, default=3.0, help="weight copies cover this many L2 sizes")
-    ap.add_argument("--sweep", default="W=32,BN=16,num_warps=4;W=64,BN=16,num_warps=4;W=32,BN=16,num_warps=8;"
-                    "W=32,BN=32,num_warps=4;W=16,BN=16,num_warps=2",
-                    help="Triton GEMV tile configs timed at batch 1 ('' to skip): ;-separated key=value lists")
+    ap.add_argument("--sweep", default="ATOMIC=1;BN=128;STAGES=3;num_warps=8;SPLIT=4",
+                    help="split-K configs (keys of triton_mixed.splitk_config, over its defaults) timed at "
+                    "batch 1 ('' to skip): ;-separated key=value lists")
+    ap.add_argument("--tuned-out", help="write the tuned table (fastest path per shape, bits and tokens) to "
+                    "this folder, named for the GPU (gift_quant/kernels/tuned_tables/ format)")
     ap.add_argument("--out", default="bench_out/kernel", help="folder for kernel.json/kernel.md")
     ap.add_argument("--md", help="write the markdown table here (default OUT/kernel.md)")
     ap.add_argument("--json", help="write the raw rows here (default OUT/kernel.json)")
@@ -216,6 +218,14 @@ def main(argv=None):
             lay_bytes = L.nbytes() if L is not None else (base.qweight.numel() * 4 + base.scales.numel() * 2
                                                           + base.zeros().numel() + N * base.n_salient * 2
                                                           + base.n_salient * 4)
+            int4 = False
+            if L is not None and bits == 4 and dtype == torch.bfloat16:
+                from gift_quant.kernels import torch_int4
+                if torch_int4.unavailable(L) is None:
+                    for m in layers:
+                        lo = dispatch.prepared(m, "triton", dtype)
+                        lo.__dict__["_int4"] = torch_int4.build(lo)
+                    int4 = True
             w_ref = base.dequantize(torch.float32)
             print(f"# {K}x{N} {bits}-bit: {copies} copies, setup {time.time() - t0:.1f}s", flush=True)
             for batch in batches:
@@ -233,9 +243,11 @@ def main(argv=None):
                     if "triton" in backends:
                         from gift_quant.kernels import triton_ops
                         default_prefill = triton_ops.PREFILL_PATH
-                        for path, gmt in (("gemv", BIG), ("gemm", 0), ("dequant", 0)):
+                        for path, gmt in (("gemv", BIG), ("gemm", 0), ("dequant", 0), ("int4pack", 0)):
                             if path == "gemv" and batch > 16:
                                 continue  # the GEMV is for decode (<= 16 tokens)
+                            if path == "int4pack" and not int4:
+                                continue  # aten's int4 kernel: 4 bits, bf16 activations
                             triton_ops.PREFILL_PATH = default_prefill if path == "gemv" else path
                             try:
                                 row[f"err_triton_{path}"] = err(run("triton", xs[0], base, gmt))
@@ -302,8 +314,8 @@ def main(argv=None):
     json_path.write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_rows}, indent=1))
     md = markdown(meta, rows, a, backends)
     if sweep_rows:
-        md += ("\nTriton GEMV tile sweep at batch 1 (W chunks of 32 rows x BN columns per tile, warps per "
-               "program; the first config is the default):\n\n| K x N | bits | config | us | speedup vs fp16 | "
+        md += ("\nTriton split-K config sweep at batch 1 (each over the default config of "
+               "triton_mixed.splitk_config):\n\n| K x N | bits | config | us | speedup vs fp16 | "
                "% copy bw | rel err |\n|---|---|---|---|---|---|---|\n")
         for r in sweep_rows:
             cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
@@ -312,6 +324,13 @@ def main(argv=None):
             else:
                 md += (f"| {r['K']}x{r['N']} | {r['bits']} | {cfg} | {r['us']:.1f} | {r['speedup']:.2f}x | "
                        f"{_f(r.get('pct_copy_bw'), '.0f')}% | {r['err']:.1e} |\n")
+    if a.tuned_out:
+        from gift_quant.kernels import tuned
+        name, cap = ((torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))) if cuda
+                     else ("cpu smoke test", (0, 0)))
+        tp = tuned.write(Path(a.tuned_out) / tuned.table_name(name, cap), name, cap, rows,
+                         "python tools/bench_kernel.py " + " ".join(meta["argv"]), meta["date"])
+        md += f"\nTuned table written: `{tp.name}` (copy it into gift_quant/kernels/tuned_tables/).\n"
     md_path = Path(a.md) if a.md else out / "kernel.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)

@@ -28,9 +28,9 @@ K_SAL_ALIGN = 32
 
 @dataclass
 class TritonLayout:
-    qweight: torch.Tensor   # int32 [C*bits, Np]
-    perm: torch.Tensor      # int32 [C*32]: input feature of each packed row, -1 for padding
-    gchunk: torch.Tensor    # int32 [C]: group of each chunk
+    qweight: torch.Tensor   # int32 [C*bits, Np], chunks in slot order
+    perm: torch.Tensor      # int32 [C*32]: input feature of each slot (chunk-major), -1 for padding
+    gchunk: torch.Tensor    # int32 [C]: group of each chunk (chunk*32 // group_rows)
     scales: torch.Tensor    # [G, Np] activation dtype
     zeros: torch.Tensor     # uint8 [G, Np]
     sal_w: torch.Tensor     # [kp, Np] activation dtype (rows past k are 0)
@@ -39,11 +39,18 @@ class TritonLayout:
     bits: int
     in_features: int
     out_features: int
-    identity_rows: bool     # packed row r is input feature r (rows past K are padding): no gather needed
+    identity_rows: bool     # position p is input feature p (positions past K are padding): no gather
+    perm_pos: torch.Tensor | None = None  # int32 [C*32]: input feature of each position, -1 for padding
+    tile: int = 1           # chunks per tile (the row interleave of the packing)
+    group_rows: int = 32    # positions per group, a multiple of 32*tile: group = position // group_rows
 
     @property
     def chunks(self) -> int:
         return self.gchunk.numel()
+
+    @property
+    def tiles(self) -> int:
+        return self.chunks // self.tile
 
     def nbytes(self) -> int:
         """Bytes one forward reads from the layout at batch 1 (packed base, scales, zeros, FP16 columns)."""
@@ -99,11 +106,31 @@ def _pad_cols(t: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+MAX_TILE = 8
+
+
+def _tile_for(group_rows: int) -> int:
+    """Chunks per tile: the largest power of two <= MAX_TILE whose 32*tile rows divide a group."""
+    t = MAX_TILE
+    while (group_rows // 32) % t:
+        t //= 2
+    return t
+
+
 @torch.no_grad()
 def build_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                  salient_idx: torch.Tensor, salient_weight: torch.Tensor, bias: torch.Tensor | None,
-                 bits: int, in_features: int, out_features: int, dtype: torch.dtype) -> TritonLayout:
-    """The kernel layout from a layer's saved tensors (GPTQ v2 packing, ``salient_weight`` [N, k])."""
+                 bits: int, in_features: int, out_features: int, dtype: torch.dtype,
+                 group_size: int = 0) -> TritonLayout:
+    """The kernel layout from a layer's saved tensors (GPTQ v2 packing, ``salient_weight`` [N, k]).
+
+    Every group gets the same number of positions, ``group_rows`` (the group size when each group's
+    non-salient rows fit in it), so the kernels find a row's group as position // group_rows. A group
+    whose rows all fit keeps them in their original order (salient ones included: their code is the
+    zero-point), which keeps a checkpoint without act-order in identity order; an over-full group (the
+    salient rows of an act-order checkpoint all carry g_idx 0) drops its salient rows. Free positions
+    hold the group's zero-point and x is masked there.
+    """
     K, N = in_features, out_features
     dev = qweight.device
     Np = -(-N // N_ALIGN) * N_ALIGN
@@ -114,35 +141,38 @@ def build_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     codes = unpack_qweight(qweight, bits, K).to(torch.int32)                 # [K, N]
     zeros = unpack(qzeros.t().contiguous(), bits, N).t().contiguous()        # [G, N]
     sal = salient_idx.long()
+    is_sal = torch.zeros(K, dtype=torch.bool, device=dev)
     if sal.numel():
         codes[sal] = zeros[g[sal]]  # salient slots dequantize to exactly 0
+        is_sal[sal] = True
     counts = torch.bincount(g, minlength=G) if K else torch.zeros(G, dtype=torch.long, device=dev)
-    padded = (counts + 31) // 32 * 32
-    monotone = K < 2 or bool((g[1:] >= g[:-1]).all())
-    identity = monotone and bool((padded[:-1] == counts[:-1]).all()) if G > 1 else monotone
-    if identity:
-        C = max(1, -(-K // 32))
-        rows = torch.arange(C * 32, device=dev)
-        perm = torch.where(rows < K, rows, torch.full_like(rows, -1))
-        body = torch.zeros(C * 32, N, dtype=torch.int32, device=dev)
-        body[:K] = codes
-        gpad = torch.cat([g, torch.full((C * 32 - K,), int(g[-1]) if K else 0, dtype=torch.long, device=dev)])
-        gchunk = gpad.view(C, 32)[:, 0]
+    counts_ns = torch.bincount(g[~is_sal], minlength=G) if K else counts
+    need = max(1, int(counts_ns.max()) if G else 1)
+    if G == 1:
+        S = -(-max(K, 1) // (32 * MAX_TILE)) * 32 * MAX_TILE   # one group: pad to whole tiles
+    elif group_size > 0 and group_size % 32 == 0 and need <= group_size:
+        S = group_size
     else:
-        order = torch.sort(g, stable=True).indices                            # rows grouped
-        starts = torch.cumsum(padded, 0) - padded                             # padded start of each group
-        first = torch.cumsum(counts, 0) - counts                              # unpadded start in `order`
-        rank = torch.arange(K, device=dev) - first[g[order]]
-        pos = starts[g[order]] + rank
-        total = max(32, int(padded.sum()))
-        C = total // 32
-        perm = torch.full((total,), -1, dtype=torch.long, device=dev)
-        perm[pos] = order
-        body = torch.zeros(total, N, dtype=torch.int32, device=dev)
-        body[pos] = codes[order]
-        gchunk = torch.repeat_interleave(torch.arange(G, device=dev), padded // 32)
-        if gchunk.numel() < C:
-            gchunk = torch.cat([gchunk, gchunk.new_zeros(C - gchunk.numel())])
+        S = -(-need // 32) * 32
+    placed = ~is_sal | (counts <= S)[g]
+    rows = placed.nonzero().squeeze(1)
+    gp = g[rows]
+    order = torch.sort(gp, stable=True).indices
+    rows, gp = rows[order], gp[order]
+    n_in = torch.bincount(gp, minlength=G)
+    first = torch.cumsum(n_in, 0) - n_in
+    pos = gp * S + torch.arange(rows.numel(), device=dev) - first[gp]
+    R = G * S
+    perm_pos = torch.full((R,), -1, dtype=torch.long, device=dev)
+    perm_pos[pos] = rows
+    body = zeros.to(torch.int32).repeat_interleave(S, dim=0)                 # free positions: zero-point
+    body[pos] = codes[rows]
+    identity = bool(torch.equal(perm_pos[:K], torch.arange(K, device=dev))) and bool((perm_pos[K:] < 0).all())
+    tile = _tile_for(S)
+    T, C = R // (32 * tile), R // 32
+    body = body.view(T, 32, tile, N).transpose(1, 2).reshape(R, N)           # slot (t, c, s) = position t*32*tile + s*tile + c
+    perm = perm_pos.view(T, 32, tile).transpose(1, 2).reshape(R)
+    gchunk = torch.arange(C, device=dev) * 32 // S
     k = sal.numel()
     kp = -(-k // K_SAL_ALIGN) * K_SAL_ALIGN
     sal_w = torch.zeros(kp, Np, dtype=dtype, device=dev)
@@ -155,7 +185,8 @@ def build_layout(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
         gchunk=gchunk.to(torch.int32).contiguous(), scales=_pad_cols(scales.to(dtype), Np),
         zeros=_pad_cols(zeros.to(torch.uint8), Np), sal_w=sal_w, sal_idx=sal_i,
         bias=None if bias is None else bias.detach().to(dtype).contiguous(), bits=bits,
-        in_features=K, out_features=N, identity_rows=identity)
+        in_features=K, out_features=N, identity_rows=identity, perm_pos=perm_pos.to(torch.int32).contiguous(),
+        tile=tile, group_rows=S)
 
 
 def layout_reference(x: torch.Tensor, L: TritonLayout) -> torch.Tensor:

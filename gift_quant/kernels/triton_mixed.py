@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_launch
 from .layout import TritonLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -58,60 +59,187 @@ def _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, B
     return sc, zf, wh
 
 
-@triton.jit(do_not_specialize=["M", "K", "N", "C", "KS", "stride_xm", "stride_ym"])
-def _gemv_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
-                 M, K, N, Np, C, KS, stride_xm, stride_ym,
-                 BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
-                 IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One token (program_id 1) x BN columns (program_id 0), the whole K walk; 2-D tiles only, so x is
-    loaded straight into the row layout of the weight tile."""
+@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "stride_xm", "stride_ym"])
+def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                   M, K, N, Np, T, TPG, TS, stride_xm, stride_ym,
+                   BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MB: tl.constexpr, SPLIT: tl.constexpr,
+                   IDENTITY: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                   STAGES: tl.constexpr):
+    """Split-K decode: program (n, k) takes BN columns, the k-th of SPLIT balanced runs of weight tiles (W chunks, 32*W
+    rows, one group) and the k-th run of FP16-column steps, and applies each weight to all MB
+    token slots. Sub-row s of a tile covers positions t*32*W + s*W + [0, W): W contiguous x values.
+    The partial sums meet in ``ws``: ATOMIC adds into [MB, Np] (order of arrival: not deterministic),
+    otherwise each split stores its own slice [SPLIT, MB, Np] and the last program of the column block
+    (an arrival counter in ``lock``) sums them in split order (deterministic). The last program also
+    writes y, re-zeroes what it read (ATOMIC) and resets the counter, so the next call (or graph replay) starts clean."""
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     NPL: tl.constexpr = 2 if BITS == 3 else BITS
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n = pid * BN + tl.arange(0, BN)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < Np
     offs_w = tl.arange(0, W)
-    xrow = x_ptr + m * stride_xm
-    acc = tl.zeros((W, BN), dtype=tl.float32)
-    for c0 in range(0, C, W):
-        ch = c0 + offs_w
-        cmask = ch < C
-        mask2 = cmask[:, None] & nmask[None, :]
-        sc, zf, wh = _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, BITS)
-        part = tl.zeros((W, BN), dtype=tl.float32)
+    offs_m = tl.arange(0, MB)
+    mmask = offs_m < M
+    xrows = x_ptr + offs_m[:, None] * stride_xm                                   # [MB, 1]
+    acc = tl.zeros((MB, W, BN), dtype=tl.float32)
+    t0 = pid_k * T // SPLIT  # balanced runs: split k takes tiles [k*T/SPLIT, (k+1)*T/SPLIT)
+    t1 = (pid_k + 1) * T // SPLIT
+    for t in tl.range(t0, t1, num_stages=STAGES):
+        g = t // TPG
+        sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
+        wp = qw_ptr + (t * W + offs_w)[:, None] * (BITS * Np) + offs_n[None, :]   # plane 0 of each chunk
+        if BITS == 3:
+            wh = tl.load(wp + 2 * Np, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        else:
+            wh = tl.zeros((W, BN), dtype=tl.uint32)
+        if MB == 1:  # one accumulator more, one FMUL per code less: the scale once per 32 codes
+            part = tl.zeros((MB, W, BN), dtype=tl.float32)
         for p in tl.static_range(NPL):
-            wl = tl.load(qw_ptr + (ch[:, None] * BITS + p) * Np + offs_n[None, :], mask=mask2, other=0)
+            wl = tl.load(wp + p * Np, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)  # logical shifts
             for j in tl.static_range(PPW):
                 code = _codes(BITS, p, j, wl, wh)
-                f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf  # 2**23 + code - (2**23 + z), exact
-                rows = ch * 32 + (p * PPW + j)
-                if IDENTITY:
-                    xv = tl.load(xrow + rows, mask=cmask & (rows < K), other=0.0)
+                f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]  # code - z, exact
+                pos = t * (32 * W) + (p * PPW + j) * W + offs_w
+                if EVEN_K:  # identity order, no padding positions
+                    xv = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
+                elif IDENTITY:
+                    xv = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
                 else:
-                    src = tl.load(perm_ptr + rows, mask=cmask, other=-1)
-                    xv = tl.load(xrow + src, mask=src >= 0, other=0.0)
-                part += f * xv.to(tl.float32)[:, None]
-        acc += part * sc
-    for k0 in range(0, KS, W):  # FP16 columns (KS: k padded to 32 with zero weights)
-        offs_k = k0 + offs_w
-        kmask = offs_k < KS
-        si = tl.load(si_ptr + offs_k, mask=kmask, other=0)
-        sw = tl.load(sw_ptr + offs_k[:, None] * Np + offs_n[None, :], mask=kmask[:, None] & nmask[None, :],
-                     other=0.0)
-        xs = tl.load(xrow + si)
-        acc += sw.to(tl.float32) * xs.to(tl.float32)[:, None]
-    y = tl.sum(acc, axis=0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+                    src = tl.load(perm_ptr + pos)
+                    xv = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
+                if MB == 1:
+                    part += xv.to(tl.float32)[:, :, None] * f[None, :, :]
+                else:  # the scale on the weight, so registers stay one accumulator per token
+                    acc += xv.to(tl.float32)[:, :, None] * (f * sc[None, :])[None, :, :]
+        if MB == 1:
+            acc += part * sc[None, None, :]
+    u0 = pid_k * TS // SPLIT
+    u1 = (pid_k + 1) * TS // SPLIT
+    for u in range(u0, u1):  # FP16 columns: W of them per step (k padded with zero weights)
+        ks = u * W + offs_w
+        si = tl.load(si_ptr + ks)
+        sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
+        xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
+        acc += xs.to(tl.float32)[:, :, None] * sw.to(tl.float32)[None, :, :]
+    _splitk_finish(tl.sum(acc, axis=1), b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np,
+                   stride_ym, MB, BN, SPLIT, HAS_BIAS, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "stride_xm", "stride_ym"])
+def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                       M, K, N, Np, T, TPG, TS, stride_xm, stride_ym,
+                       BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MB: tl.constexpr,
+                       SPLIT: tl.constexpr, IDENTITY: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ATOMIC: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr):
+    """Split-K for 2-16 tokens on tensor cores: the same work split as ``_splitk_kernel``, but each tile is
+    dequantized to (code - zero) in the activation dtype (exact: |code - zero| <= 255) as a [32*W, BN]
+    operand of one ``tl.dot`` with the [MB >= 16, 32*W] x tile (W contiguous x values per sub-row, so
+    the x tile is one contiguous run); the group's scale multiplies the [MB, BN] product once."""
+    PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    BK: tl.constexpr = 32 * W
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < Np
+    offs_m = tl.arange(0, MB)
+    mmask = offs_m < M
+    q = tl.arange(0, BK)                       # position in the tile: sub-row q // W of chunk q % W
+    sub = q // W
+    word = (q % W) * BITS + sub // PPW         # word of the tile (chunk-major, plane-minor)
+    if BITS == 3:
+        shift = (2 * (sub % 16)).to(tl.uint32)
+    else:
+        shift = (BITS * (sub % PPW)).to(tl.uint32)
+    xrows = x_ptr + offs_m[:, None] * stride_xm
+    xdt = x_ptr.dtype.element_ty
+    acc = tl.zeros((MB, BN), dtype=tl.float32)
+    t0 = pid_k * T // SPLIT  # balanced runs: split k takes tiles [k*T/SPLIT, (k+1)*T/SPLIT)
+    t1 = (pid_k + 1) * T // SPLIT
+    for t in tl.range(t0, t1, num_stages=STAGES):
+        g = t // TPG
+        sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
+        wp = qw_ptr + (t * (W * BITS) + word)[:, None] * Np + offs_n[None, :]
+        wv = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            hp = qw_ptr + (t * (W * 3) + (q % W) * 3 + 2)[:, None] * Np + offs_n[None, :]
+            wh = tl.load(hp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
+            code = ((wv >> shift[:, None]) & 3) | (((wh >> sub.to(tl.uint32)[:, None]) & 1) << 2)
+        else:
+            code = (wv >> shift[:, None]) & ((1 << BITS) - 1)
+        f = ((code | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]).to(xdt)
+        pos = t * BK + q
+        if EVEN_K:
+            xt = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
+        elif IDENTITY:
+            xt = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
+        else:
+            src = tl.load(perm_ptr + pos)
+            xt = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
+        if IEEE:
+            part = tl.dot(xt, f, input_precision="ieee")
+        else:
+            part = tl.dot(xt, f)
+        acc += part * sc[None, :]
+    offs_k = tl.arange(0, 32)
+    u0 = pid_k * TS // SPLIT
+    u1 = (pid_k + 1) * TS // SPLIT
+    for u in range(u0, u1):  # FP16 columns, 32 per step (k padded with zero weights)
+        ks = u * 32 + offs_k
+        si = tl.load(si_ptr + ks)
+        sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
+        xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(xs, sw.to(xdt), input_precision="ieee")
+        else:
+            acc += tl.dot(xs, sw.to(xdt))
+    _splitk_finish(acc, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np, stride_ym,
+                   MB, BN, SPLIT, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _splitk_finish(y, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np, stride_ym,
+                   MB: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+    """The cross-split reduction of a [MB, BN] fp32 partial, then bias and the store of y."""
+    mmask = offs_m < M
+    nmask = offs_n < Np
+    omask = mmask[:, None] & (offs_n < N)[None, :]
+    offs_mn = offs_m[:, None] * Np + offs_n[None, :]
+    if SPLIT > 1:
+        wmask = mmask[:, None] & nmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(ws_ptr + offs_mn, y, mask=wmask)
+        else:
+            tl.store(ws_ptr + pid_k * (MB * Np) + offs_mn, y, mask=wmask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel: orders this program's partials before it
+        if arrived == SPLIT - 1:
+            if ATOMIC:
+                wsi = ws_ptr.to(tl.pointer_type(tl.int32))  # exchange the bits: read and re-zero at L2
+                y = tl.atomic_xchg(wsi + offs_mn, tl.zeros((MB, BN), dtype=tl.int32), mask=wmask)
+                y = y.to(tl.float32, bitcast=True)
+            else:
+                y = tl.zeros((MB, BN), dtype=tl.float32)
+                for k in range(SPLIT):
+                    y += tl.load(ws_ptr + k * (MB * Np) + offs_mn, mask=wmask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit(do_not_specialize=["M", "K", "N", "C", "KS", "stride_xm", "stride_ym"])
 def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr,
                  M, K, N, Np, C, KS, stride_xm, stride_ym,
                  BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                 IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                 IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TW: tl.constexpr):
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -139,9 +267,9 @@ def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
         else:
             code = (wl >> (BITS * (sub % PPW))[:, None]) & ((1 << BITS) - 1)
         w = ((code.to(tl.float32) - z) * sc).to(xdt)
-        if IDENTITY:
-            src = rows
-            xm = rows < K
+        if IDENTITY:  # identity positions: slot (chunk, sub-row) -> position, no perm load
+            src = (ch // TW) * (32 * TW) + sub * TW + ch % TW
+            xm = src < K
         else:
             src = tl.load(perm_ptr + rows, mask=cmask, other=-1)
             xm = src >= 0
@@ -169,7 +297,8 @@ def _gemm_kernel(x_ptr, qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, sw_ptr, si_ptr,
 
 @triton.jit(do_not_specialize=["K", "C"])
 def _dequant_kernel(qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, w_ptr, K, Np, C,
-                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, IDENTITY: tl.constexpr):
+                    BITS: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, IDENTITY: tl.constexpr,
+                    TW: tl.constexpr):
     """W^T [K, Np] in the activation dtype: W chunks x BN columns per program, each packed row written to
     its input feature (padding rows dropped). Salient rows come out 0 (their codes are the zero-point)."""
     PPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
@@ -185,9 +314,9 @@ def _dequant_kernel(qw_ptr, perm_ptr, gch_ptr, s_ptr, z_ptr, w_ptr, K, Np, C,
             code = _codes(BITS, p, j, wl, wh)
             v = ((code | 0x4B000000).to(tl.float32, bitcast=True) - zf) * sc
             rows = ch * 32 + (p * PPW + j)
-            if IDENTITY:
-                dst = rows
-                ok = cmask & (rows < K)
+            if IDENTITY:  # slot (chunk, sub-row) -> position
+                dst = (ch // TW) * (32 * TW) + (p * PPW + j) * TW + ch % TW
+                ok = cmask & (dst < K)
             else:
                 dst = tl.load(perm_ptr + rows, mask=cmask, other=-1)
                 ok = dst >= 0
@@ -208,7 +337,7 @@ def dequantize_t(L: TritonLayout, dtype: torch.dtype) -> torch.Tensor:
     BN = min(64, max(16, _next_pow2(Np))) if INTERPRET else 128
     grid = (triton.cdiv(L.chunks, W), triton.cdiv(Np, BN))
     _dequant_kernel[grid](L.qweight, L.perm, L.gchunk, L.scales, L.zeros, w, K, Np, L.chunks,
-                          BITS=L.bits, W=W, BN=BN, IDENTITY=L.identity_rows, num_warps=4)
+                          BITS=L.bits, W=W, BN=BN, IDENTITY=L.identity_rows, TW=L.tile, num_warps=4)
     if L.sal_w.shape[0]:
         w.index_add_(0, L.sal_idx, L.sal_w.to(dtype))  # padding entries add 0 to feature 0
     return w
@@ -218,17 +347,73 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def gemv_config(M: int, N: int, C: int) -> dict:
-    """(W, BN, warps) for the decode kernel: W chunks (32*W rows) x BN columns per tile."""
-    W = min(32, max(4, _next_pow2(C))) if INTERPRET else 32 if C >= 64 else 8  # each variant is a compile
-    BN = min(64, max(16, _next_pow2(N))) if INTERPRET else 16  # the interpreter pays per program, not per lane
-    return dict(W=W, BN=BN, num_warps=4)
+SPLITK_MAX_TOKENS = 16
+PROGRAMS_PER_SM = 8
+_sm_count: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _sm_count:
+        _sm_count[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _sm_count[key]
+
+
+def splitk_config(M: int, Np: int, tiles: int, tile: int, device: torch.device) -> dict:
+    """Kernel, tile and split for the split-K decode: 'fma' (CUDA cores, 1 token) or 'dot' (tensor cores,
+    2-16 tokens in a 16-row x tile); BN columns per program and as many K splits as give PROGRAMS_PER_SM
+    programs per SM, at least one tile each."""
+    kernel = "fma" if M == 1 else "dot"
+    MB = 1 if kernel == "fma" else 16
+    if INTERPRET:  # programs run one by one: few, but more than one split so the reduction is exercised
+        BN = min(64, max(16, _next_pow2(Np)))
+        split = min(3, max(1, tiles))
+        return dict(KERNEL=kernel, BN=BN, MB=MB, SPLIT=split, num_warps=4, STAGES=1, ATOMIC=False)
+    warps = 4
+    BN = 256 if kernel == "fma" else 64  # fma: 8 columns per thread share each x value
+    blocks = -(-Np // BN)
+    split = max(1, min(tiles, -(-PROGRAMS_PER_SM * sm_count(device) // blocks)))
+    return dict(KERNEL=kernel, BN=BN, MB=MB, SPLIT=split, num_warps=warps, STAGES=2, ATOMIC=False)
 
 
 def gemm_config(M: int, N: int) -> dict:
     BM = 16 if M <= 16 else 32 if M <= 32 else 64
     BN = 32 if M <= 64 else 64
     return dict(BM=BM, BK=64, BN=BN, num_warps=4)
+
+
+class _Workspace:
+    """fp32 partial sums and per-column-block arrival counters of the split-K kernel, per device and
+    reduction (the atomic one must start at zero; the ordered one overwrites its slices).
+
+    The kernel leaves the counters (and the atomic sums) as it found them, zeros, so one buffer serves
+    every layer and every graph replay on a stream. It only grows outside graph capture, and a grown-out buffer is kept alive, since
+    a captured graph may still point at it."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+        self.retired: list = []
+
+    def get(self, device: torch.device, floats: int, counters: int, atomic: bool):
+        key = (device, atomic)
+        ws, lock = self.bufs.get(key, (None, None))
+        if ws is None or ws.numel() < floats or lock.numel() < counters:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("gift-quant: the split-K workspace must grow during CUDA-graph capture; "
+                                   "call gift_quant.nn.dispatch.prepare_model(model) first")
+            if ws is not None:
+                self.retired.append((ws, lock))
+            floats = max(floats, 0 if ws is None else ws.numel(), 1 << 16)
+            counters = max(counters, 0 if lock is None else lock.numel(), 1024)
+            ws = torch.zeros(floats, dtype=torch.float32, device=device)
+            lock = torch.zeros(counters, dtype=torch.int32, device=device)
+            self.bufs[key] = (ws, lock)
+        return ws, lock
+
+
+WORKSPACE = _Workspace()
 
 
 def _check(x: torch.Tensor, L: TritonLayout):
@@ -239,37 +424,79 @@ def _check(x: torch.Tensor, L: TritonLayout):
         raise RuntimeError(f"input on {x.device}, weights on {L.qweight.device}")
 
 
-def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config: dict | None = None) -> torch.Tensor:
-    """y [M, N] = x2d [M, K] @ W^T (+ bias) with the layout's weights; ``path`` is 'gemv', 'gemm' or
-    'dequant' (W^T written once in the activation dtype, then the library GEMM); ``config`` overrides the
-    tile choice (benchmark sweeps)."""
-    _check(x2d, L)
+def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> torch.Tensor:
+    """The split-K decode kernels on up to SPLITK_MAX_TOKENS tokens (more: split into such calls)."""
     M, K = x2d.shape
     N, Np = L.out_features, L.qweight.shape[1]
-    if path == "dequant":
-        if M == 0:
-            return _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
-        wt = dequantize_t(L, x2d.dtype)[:, :N]
-        return torch.addmm(L.bias, x2d, wt) if L.bias is not None else x2d @ wt
     y = _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
     if M == 0:
         return y
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     bias = L.bias if L.bias is not None else L.scales
-    args = (x2d, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, y,
-            M, K, N, Np, L.chunks, L.sal_w.shape[0], x2d.stride(0), y.stride(0))
+    T, KS = L.tiles, L.sal_w.shape[0]
+    even = L.identity_rows and K == L.chunks * 32
+    for m0 in range(0, M, SPLITK_MAX_TOKENS):
+        xs, ys = x2d[m0:m0 + SPLITK_MAX_TOKENS], y[m0:m0 + SPLITK_MAX_TOKENS]
+        m = xs.shape[0]
+        cfg = {**splitk_config(m, Np, T, L.tile, x2d.device), **(config or {})}
+        BN, MB, split, atomic = cfg["BN"], cfg["MB"], cfg["SPLIT"], cfg["ATOMIC"]
+        if cfg["KERNEL"] == "dot":
+            MB = max(16, MB)
+        blocks = triton.cdiv(Np, BN)
+        ws, lock = WORKSPACE.get(x2d.device, (1 if atomic else split) * MB * Np, blocks, atomic)
+        TS = KS // (L.tile if cfg["KERNEL"] == "fma" else 32)
+        args = (xs, L.qweight, L.perm_pos, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, ys, ws, lock,
+                m, K, N, Np, T, L.group_rows // (32 * L.tile), TS, xs.stride(0), ys.stride(0))
+        const = dict(BITS=L.bits, W=L.tile, BN=BN, MB=MB, SPLIT=split, IDENTITY=L.identity_rows, EVEN_K=even,
+                     HAS_BIAS=L.bias is not None, ATOMIC=atomic, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+        if cfg["KERNEL"] == "dot":
+            fn = _splitk_dot_kernel
+            const["IEEE"] = x2d.dtype == torch.float32
+        else:
+            fn = _splitk_kernel
+        if INTERPRET:
+            fn[(blocks, split)](*args, **const)
+        else:
+            key = (fn.__name__, tuple(const.items()), xs.dtype, xs.data_ptr() % 16 == 0, ys.data_ptr() % 16 == 0)
+            triton_launch.launch(fn, (blocks, split, 1), args, const, _direct_cache(L), key, ys, check=not atomic)
+    return y
+
+
+def _direct_cache(L: TritonLayout) -> dict:
+    c = L.__dict__.get("_direct")
+    if c is None:
+        c = L.__dict__["_direct"] = {}
+    return c
+
+
+def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config: dict | None = None) -> torch.Tensor:
+    """y [M, N] = x2d [M, K] @ W^T (+ bias) with the layout's weights; ``path`` is 'gemv' (the split-K
+    decode kernel), 'gemm' or 'dequant' (W^T written once in the activation dtype, then the library GEMM);
+    ``config`` overrides the tile choice (benchmark sweeps)."""
+    _check(x2d, L)
+    M, K = x2d.shape
+    N, Np = L.out_features, L.qweight.shape[1]
     if path == "gemv":
-        cfg = {**gemv_config(M, N, L.chunks), **(config or {})}
-        grid = (triton.cdiv(Np, cfg["BN"]), M)
-        _gemv_kernel[grid](*args, BITS=L.bits, W=cfg["W"], BN=cfg["BN"],
-                           IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None, num_warps=cfg["num_warps"])
-    elif path == "gemm":
-        cfg = {**gemm_config(M, N), **(config or {})}
-        grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(Np, cfg["BN"]))
-        _gemm_kernel[grid](*args, BITS=L.bits, BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"],
-                           IDENTITY=L.identity_rows, HAS_BIAS=L.bias is not None,
-                           IEEE=x2d.dtype == torch.float32, num_warps=cfg["num_warps"])
-    else:
+        return splitk(x2d, L, config)
+    if path == "dequant":
+        if M == 0:
+            return _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
+        wt = dequantize_t(L, x2d.dtype)[:, :N]
+        return torch.addmm(L.bias, x2d, wt) if L.bias is not None else x2d @ wt
+    if path != "gemm":
         raise ValueError(f"path must be 'gemv', 'gemm' or 'dequant', got {path!r}")
+    y = _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
+    if M == 0:
+        return y
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    bias = L.bias if L.bias is not None else L.scales
+    cfg = {**gemm_config(M, N), **(config or {})}
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(Np, cfg["BN"]))
+    _gemm_kernel[grid](x2d, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, y,
+                       M, K, N, Np, L.chunks, L.sal_w.shape[0], x2d.stride(0), y.stride(0),
+                       BITS=L.bits, BM=cfg["BM"], BK=cfg["BK"], BN=cfg["BN"],
+                       IDENTITY=L.identity_rows, TW=L.tile, HAS_BIAS=L.bias is not None,
+                       IEEE=x2d.dtype == torch.float32, num_warps=cfg["num_warps"])
     return y

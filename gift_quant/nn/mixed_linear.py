@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.packing import pack_qweight, pack_qzeros, packed_len, unpack_qweight, unpack_qzeros
 from ..core.quantizer import n_groups
-from .dispatch import mixed_linear_forward
+from .route import mixed_linear_forward
 
 
 class MixedPrecisionLinear(nn.Module):

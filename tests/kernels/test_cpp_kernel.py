@@ -222,7 +222,7 @@ def test_cuda_kernel_matches_float64(bits, dtype, monkeypatch, exact_cublas_redu
             y = layer(x)
             assert y.dtype == dtype and y.shape == (batch, N)
             where = f"{case} batch={batch}"
-            over = within_bound(y, layer, x, gemv=batch <= dispatch.GEMV_MAX_TOKENS and N % 4 == 0)
+            over = within_bound(y, layer, x, gemv=batch <= dispatch.CUDA_GEMV_MAX_TOKENS and N % 4 == 0)
             assert over <= 1, f"{where}: {over:.2f} x the rounding bound"
             err = rel_err(y, ref)
             assert err < TOL[dtype], f"{where}: {err:.2e}"

@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 
 from gift_quant.kernels import layout as lay  # noqa: E402
 from gift_quant.kernels import torch_path  # noqa: E402
-from gift_quant.nn import dispatch  # noqa: E402
+from gift_quant.nn import backends, dispatch  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
 from gift_quant.core.packing import pack, unpack  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_triton_decode_and_prefill_paths_agree_for_every_token_count(bits, poiso
     tokens = _TOKENS if bits == 4 else _TOKENS[:2]
     runs = [(t, 0, p) for t in tokens for p in triton_ops.PREFILL_PATHS] + [(t, 64, "-") for t in tokens if t <= 17]
     for t, gmt, pre in runs:
-        monkeypatch.setattr(dispatch, "GEMV_MAX_TOKENS", gmt)  # 0: always the prefill path, 64: always the GEMV
+        monkeypatch.setattr(backends, "GEMV_MAX_TOKENS", gmt)  # 0: always the prefill path, 64: always the GEMV
         monkeypatch.setattr(triton_ops, "PREFILL_PATH", pre if gmt == 0 else "dequant")
         x = torch.randn(t, 200, device=DEV).to(torch.float16)
         _check(layer, x, torch.float16, f"bits={bits} tokens={t} gemv_max_tokens={gmt} prefill={pre}")
@@ -123,7 +123,7 @@ def test_layout_reference_is_exact_in_float64():
             codes[:, layer.salient_idx.long()] = (1 << bits) - 1
             layer.qweight.copy_(pack_qweight(codes, bits))
         L = lay.build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
-                             layer.salient_weight, layer.bias, bits, K, N, torch.float64)
+                             layer.salient_weight, layer.bias, bits, K, N, torch.float64, gs)
         assert L.identity_rows == (not act or gs < 0 or gs >= K)
         assert L.qweight.shape[1] % 16 == 0 and L.sal_w.shape[0] % 32 == 0
         x = torch.randn(3, K, dtype=torch.float64, generator=gen)
@@ -181,7 +181,7 @@ def test_named_backend_errors_never_fall_back(monkeypatch):
     with pytest.raises(RuntimeError, match="GIFT_QUANT_KERNEL=cuda: input on cpu"):
         layer(x)
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
-    monkeypatch.setattr(dispatch, "triton_unavailable", lambda x: "triton is not importable (test)")
+    monkeypatch.setattr(backends, "triton_unavailable", lambda x: "triton is not importable (test)")
     dispatch.reset()  # the backend choice is memoized per (env, device, dtype, bits); the fake changes it
     with pytest.raises(RuntimeError, match="GIFT_QUANT_KERNEL=triton: triton is not importable"):
         layer(x)
@@ -191,8 +191,8 @@ def test_named_backend_errors_never_fall_back(monkeypatch):
 def test_auto_falls_back_with_one_warning_naming_the_reason(monkeypatch, recwarn):
     import warnings
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "auto")
-    monkeypatch.setattr(dispatch, "_wants_kernel", lambda x: True)
-    monkeypatch.setattr(dispatch, "triton_unavailable", lambda x: "triton is not importable (test)")
+    monkeypatch.setattr(backends, "_wants_kernel", lambda x: True)
+    monkeypatch.setattr(backends, "triton_unavailable", lambda x: "triton is not importable (test)")
     dispatch.reset()
     layer = MixedPrecisionLinear.random(64, 16, 4, 32, 2, seed=1)
     x = torch.randn(2, 64, dtype=torch.float64)
@@ -214,7 +214,7 @@ def test_triton_op_opcheck_and_compile_fullgraph(poisoned):
         ref = layer(x)
     L = dispatch.prepared(layer, "triton", torch.float16)
     args = (x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, L.bias, 2, 96, 40,
-            L.identity_rows, 8, "dequant")
+            L.identity_rows, 8, "dequant", L.perm_pos, L.tile, L.group_rows)
     torch.library.opcheck(torch.ops.gift_quant.mixed_linear_triton.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     f = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
@@ -240,8 +240,8 @@ def test_backend_choice_is_memoized_but_follows_the_environment(monkeypatch):
     x = torch.randn(1, 64)
     dispatch.reset()
     calls = []
-    real = dispatch._resolve
-    monkeypatch.setattr(dispatch, "_resolve", lambda *a: calls.append(a) or real(*a))
+    real = backends._resolve
+    monkeypatch.setattr(backends, "_resolve", lambda *a: calls.append(a) or real(*a))
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "torch")
     assert dispatch.resolve(x, layer) == "torch" == dispatch.resolve(x, layer)
     assert len(calls) == 1  # the second call is answered from the memo

@@ -1,0 +1,51 @@
+"""The forward route of a mixed-precision linear: the frozen per-layer route that prepare_model set up,
+else autograd (PyTorch path) or the chosen backend. Never imports the layer class, so
+:mod:`.mixed_linear` can import this module."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .env import _kernel_env
+from .layout_cache import _KERNEL, _tensors
+from .torch_forward import torch_forward
+
+
+def needs_autograd(x: torch.Tensor, layer) -> bool:
+    return torch.is_grad_enabled() and (_tensors(layer, ("salient_weight",))[0].requires_grad or x.requires_grad)
+
+
+_FROZEN_ATTR = "_gift_frozen"
+
+
+class _Frozen:
+    """What prepare_model fixed for one layer: backend, dtype, layout and the tuned token policy, valid
+    while the same weight tensors (identity and ``_version``) and the same GIFT_QUANT_KERNEL are there."""
+    __slots__ = ("backend", "dtype", "device", "layout", "gmt", "prefill", "tensors", "env", "sw")
+
+    def __init__(self, layer, backend, dtype, layout, gmt, prefill):
+        self.backend, self.dtype, self.layout, self.gmt, self.prefill = backend, dtype, layout, gmt, prefill
+        self.device = layer.qweight.device
+        self.sw = layer.salient_weight
+        self.tensors = [(n, t, t._version) for n, t in zip(_KERNEL, _tensors(layer, _KERNEL)) if t is not None]
+        self.env = _kernel_env()
+
+    def valid(self, layer) -> bool:
+        b, p = layer._buffers, layer._parameters
+        for n, t, v in self.tensors:
+            if (b.get(n) if n in b else p.get(n)) is not t or t._version != v:
+                return False
+        return self.env == _kernel_env()
+
+
+def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor:
+    """y = x @ dequant(base)^T + x[..., salient_idx] @ salient_weight^T (+ bias), on the chosen backend."""
+    fz = layer.__dict__.get(_FROZEN_ATTR)
+    if (fz is not None and backend is None and x.dtype == fz.dtype and x.device == fz.device
+            and not (torch.is_grad_enabled() and (x.requires_grad or fz.sw.requires_grad))
+            and not torch.compiler.is_compiling() and fz.valid(layer)):
+        from ..kernels import triton_ops
+        return triton_ops._forward(x, fz.layout, fz.gmt, fz.prefill)  # the frozen eager route
+    if needs_autograd(x, layer):
+        return torch_forward(x, layer)
+    return backends._run(backends.resolve(x, layer, backend), x, layer)
