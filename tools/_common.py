@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib.util
+import sys
 import time
 
 import torch
+
+if importlib.util.find_spec("gift_quant") is None:  # the scripts use the installed package, never the tree
+    print("error: gift_quant is not installed; in a checkout run `pip install -e .` first", file=sys.stderr)
+    raise SystemExit(2)
 
 # the Linears of a LLaMA-style decoder layer, under self_attn and mlp
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

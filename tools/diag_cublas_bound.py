@@ -13,6 +13,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import _common  # noqa: F401  (one clear line when gift_quant is not installed)
 import torch
 
 
