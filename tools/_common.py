@@ -129,8 +129,8 @@ def tiny_moe(arch: str, seed: int = 0, experts: int = MOE_EXPERTS, topk: int = M
     """A tiny random mixture-of-experts model of ``arch`` (one of ``MOE_ARCHS``), built from its config."""
     import transformers as tf
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                  num_experts_per_tok=topk, max_position_embeddings=1024, tie_word_embeddings=False)
+    common = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
+              "num_experts_per_tok": topk, "max_position_embeddings": 1024, "tie_word_embeddings": False}
     if arch == "mixtral":
         cfg = tf.MixtralConfig(intermediate_size=96, num_key_value_heads=2, num_local_experts=experts, **common)
         return tf.MixtralForCausalLM(cfg).eval()

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear
-from tools._common import DECODER_LINEARS, char_tokenizer, ints, llama_config, random_gift_linears, tiny_llama
+from tools._common import (
+    DECODER_LINEARS,
+    char_tokenizer,
+    ints,
+    llama_config,
+    random_gift_linears,
+    tiny_llama,
+)
 
 
 def test_ints_parses_comma_lists_and_rejects_the_rest():

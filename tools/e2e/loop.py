@@ -3,6 +3,7 @@ size, then free it. The time budget skips (and marks) what would not fit; OOM an
 caught per configuration, so one failure never loses the run."""
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 
@@ -36,10 +37,8 @@ def drop_compiled(model):
         model.__dict__.pop(attr, None)
     for m in model.modules():
         m.__dict__.pop("_gift_kernel_cache", None)
-    try:
+    with contextlib.suppress(Exception):  # nothing compiled, or no dynamo: nothing to free
         torch._dynamo.reset()  # also frees the CUDA graph pools
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def _generate_options(mode: str, device) -> dict:

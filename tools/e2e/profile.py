@@ -31,24 +31,22 @@ def profile_decode(model, vocab: int, device, prompt_len: int, steps: int = 4) -
         g = torch.Generator().manual_seed(7)
         ids = torch.randint(3, vocab, (1, prompt_len), generator=g).to(device)
         out = model(ids, use_cache=True)
-        pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(2):  # warm-up
-            out = model(tok, past_key_values=pkv, use_cache=True)
-            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync(device)
+        state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
+
+        def decode(n: int):
+            for _ in range(n):
+                out = model(state[1], past_key_values=state[0], use_cache=True)
+                state[:] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            sync(device)
+
+        decode(2)  # warm-up
         t = time.perf_counter()
-        for _ in range(steps):
-            out = model(tok, past_key_values=pkv, use_cache=True)
-            pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync(device)
+        decode(steps)
         plain_ms = (time.perf_counter() - t) / steps * 1e3
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             t = time.perf_counter()
-            for _ in range(steps):
-                out = model(tok, past_key_values=pkv, use_cache=True)
-                pkv, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            sync(device)
+            decode(steps)
             wall = time.perf_counter() - t
     finally:
         for h in handles:
@@ -69,7 +67,7 @@ def profile_decode(model, vocab: int, device, prompt_len: int, steps: int = 4) -
 
 
 def profile_line(name: str, p: dict) -> str:
-    f = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    f = lambda v: "-" if v is None else f"{v:.0%}"
     busy = "" if p.get("gpu_busy") is None else f", GPU busy {f(p['gpu_busy'])} of wall (rest: launch/CPU)"
     return (f"{name}: eager decode step {p['step_ms']:.2f} ms; decoder Linears {f(p['linear_share'])} of "
             f"{'kernel' if p.get('gpu_busy') is not None else 'CPU'} time, the rest attention/norms/lm_head{busy}")

@@ -40,13 +40,13 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], profiles: dict, final
     add_ratios(rows)
     bench.write_json({"meta": meta, "rows": rows, "profile": profiles}, out / "bench_e2e.json")
     md = [f"# End-to-end benchmark ({meta['device_name']}, {meta['date']})", "",
-          f"prompt {meta['prompt_len']} tokens, {meta['new_tokens']} new tokens, greedy, static KV cache; "
-          f"compute dtype {meta['dtype']}. Ratios are against FP16 of the same part, mode and batch "
-          "(tok/s and prefill: >1 is faster; memory and size: <1 is smaller). Peak memory includes the "
-          "weights. In `compile` rows only the decode step is compiled (transformers' own path, "
-          "mode=reduce-overhead on CUDA); prefill runs eager.",
-          "Size: the state dict with float tensors at 2 bytes (FP16 storage), or the checkpoint's "
-          "safetensors on disk (`size_source` in the JSON).",
+          (f"prompt {meta['prompt_len']} tokens, {meta['new_tokens']} new tokens, greedy, static KV cache; "
+           f"compute dtype {meta['dtype']}. Ratios are against FP16 of the same part, mode and batch "
+           "(tok/s and prefill: >1 is faster; memory and size: <1 is smaller). Peak memory includes the "
+           "weights. In `compile` rows only the decode step is compiled (transformers' own path, "
+           "mode=reduce-overhead on CUDA); prefill runs eager."),
+          ("Size: the state dict with float tensors at 2 bytes (FP16 storage), or the checkpoint's "
+           "safetensors on disk (`size_source` in the JSON)."),
           f"Kernel: {meta.get('kernel_status')}.", ""]
     for part in ("a", "b"):
         pr = [r for r in rows if r["part"] == part]
