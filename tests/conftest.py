@@ -7,15 +7,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-
-def tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 96, layers: int = 2, vocab: int = 128):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                      max_position_embeddings=256, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+from tools._common import char_tokenizer, tiny_llama  # noqa: E402,F401  (the tests import them from here)
 
 
 class TinyTokenizer:
@@ -36,17 +29,6 @@ def tiny_model():
 def calib():
     torch.manual_seed(1)
     return torch.randint(0, 128, (16, 32))
-
-
-def char_tokenizer():
-    """A real PreTrainedTokenizerFast (character level, 128 ids), built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-    vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
 
 
 @pytest.fixture(scope="session")

@@ -12,19 +12,13 @@ each other, not with real-model numbers.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import torch
+from _common import ints, tiny_llama, tiny_moe
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gift_quant import GiftConfig  # noqa: E402
-from gift_quant.compress import quantize_  # noqa: E402
-from tests.conftest import tiny_llama  # noqa: E402
-from tests.compress.test_experts import tiny_moe  # noqa: E402
+from gift_quant import GiftConfig
+from gift_quant.compress import quantize_
 
 
 def run(build, bits: int, exclude_experts: bool = False):
@@ -46,15 +40,15 @@ def run(build, bits: int, exclude_experts: bool = False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bits", default="4,3,2")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", type=ints, default=[4, 3, 2], help="comma-separated bit widths")
     a = ap.parse_args(argv)
     models = {"llama (dense)": tiny_llama, "mixtral": lambda: tiny_moe("mixtral"),
               "qwen3_moe": lambda: tiny_moe("qwen3_moe")}
     print("| model | bits | float share, experts fused | float share, per-expert | rel. logit error, per-expert |")
     print("|---|---|---|---|---|")
     for name, build in models.items():
-        for bits in [int(b) for b in a.bits.split(",")]:
+        for bits in a.bits:
             _, share_fused = run(build, bits, exclude_experts=True)
             err, share = run(build, bits)
             print(f"| {name} | {bits} | {share_fused:.1%} | {share:.2%} | {err:.4f} |")

@@ -25,15 +25,13 @@ import resource
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
+from _common import llama_config, shape_args
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.compress import pipeline  # noqa: E402
+from gift_quant.compress import pipeline
+from gift_quant.config import GiftConfig
+from gift_quant.io.atomic import write_text
 
 GIB = 2 ** 30
 
@@ -75,11 +73,8 @@ class RssSampler:
 
 def build_model(a):
     """Random-weight Llama on CPU, parameters created directly in fp16 (no fp32 copy of the model)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads or a.heads,
-                      vocab_size=a.vocab, max_position_embeddings=max(4096, a.seq_len),
-                      tie_word_embeddings=False, dtype="float16")
+    from transformers import LlamaForCausalLM
+    cfg = llama_config(a, max_position_embeddings=max(4096, a.seq_len), dtype="float16")
     torch.manual_seed(a.seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
@@ -185,12 +180,8 @@ def row(r: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--heads", type=int, default=32)
+    shape_args(ap)
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (LLaMA-2-7B has no GQA)")
-    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--samples", type=int, default=16, help="random-token calibration windows")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per layer forward")
@@ -212,7 +203,7 @@ def main(argv=None):
     if a.salient >= min(a.hidden, a.intermediate):
         ap.error("--salient must be smaller than --hidden and --intermediate")
     r = run(a)
-    Path(a.json).write_text(json.dumps(r, indent=1) + "\n")
+    write_text(a.json, json.dumps(r, indent=1) + "\n")
     print(HEADER)
     print(row(r))
     print(f"(JSON: {a.json})", file=sys.stderr)

@@ -18,15 +18,14 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import ints
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gift_quant.nn import dispatch  # noqa: E402
-from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
+from gift_quant.io.atomic import write_text
+from gift_quant.nn import dispatch
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
 
 def med(f, repeats):
@@ -43,8 +42,8 @@ def med(f, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="2048x2048,2048x5504")
-    ap.add_argument("--bits", default="4,3,2")
-    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--bits", type=ints, default=[4, 3, 2])
+    ap.add_argument("--batches", type=ints, default=[1, 16])
     ap.add_argument("--salient", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=7)
@@ -57,9 +56,9 @@ def main(argv=None):
         for shape in a.shapes.split(","):
             K, N = (int(v) for v in shape.lower().split("x"))
             w = torch.randn(N, K, dtype=dtype) * 0.02
-            for bits in (int(b) for b in a.bits.split(",")):
+            for bits in a.bits:
                 layer = MixedPrecisionLinear.random(K, N, bits, 128, a.salient, dtype=dtype, seed=bits)
-                for batch in (int(b) for b in a.batches.split(",")):
+                for batch in a.batches:
                     x = torch.randn(batch, K, dtype=dtype)
 
                     def old():
@@ -100,9 +99,9 @@ def main(argv=None):
     text = "\n".join(md) + "\n"
     print(text)
     if a.md:
-        Path(a.md).write_text(text)
+        write_text(a.md, text)
     if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_text(a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Engines run eager by default (fast start; per-call Python overhead counts, on bo
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -28,50 +27,25 @@ import time
 from pathlib import Path
 
 import torch
+from _common import ints, llama_config, logger, random_gift_linears, shape_args
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from gift_quant.io.atomic import write_text
 
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def log(msg: str):
-    print(f"[bench_vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
+log = logger("bench_vllm")
 
 
 @torch.no_grad()
 def save_model(a, bits: int | None, out: Path):
     """FP16 random model (``bits`` None) or its gift version, saved as a checkpoint folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from gift_quant.config import GiftConfig
     from gift_quant.io.export import save_checkpoint
-    from gift_quant.nn.mixed_linear import MixedPrecisionLinear
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.heads, vocab_size=a.vocab,
-                      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = llama_config(a, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM._from_config(cfg, dtype=torch.float16).eval()
     if bits:
-        templates, counts = {}, {}
-        for li, layer in enumerate(model.model.layers):
-            for parent, pname in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
-                for name in DECODER_LINEARS:
-                    lin = getattr(parent, name, None)
-                    if lin is None:
-                        continue
-                    k = min(a.salient, lin.in_features // 32)
-                    key = (lin.in_features, lin.out_features)
-                    if key not in templates:
-                        templates[key] = MixedPrecisionLinear.random(lin.in_features, lin.out_features, bits,
-                                                                     group_size=128, n_salient=k, act_order=True,
-                                                                     seed=len(templates))
-                    setattr(parent, name, copy.deepcopy(templates[key]))
-                    counts[f"model.layers.{li}.{pname}.{name}"] = k
+        counts = random_gift_linears(model, bits, group_size=128, salient=a.salient, act_order=True)
         model.config.quantization_config = GiftConfig(bits=bits, group_size=128, desc_act=True, n_salient=a.salient,
                                                       salient_ratio=None, salient_counts=counts)
     save_checkpoint(model, None, out)
@@ -114,11 +88,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=ints, default=[4, 3, 2])
     p.add_argument("--batches", type=ints, default=[1, 16])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=11008)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=32000)
+    shape_args(p, layers=4)
     p.add_argument("--salient", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -173,9 +143,9 @@ def main(argv=None) -> int:
     md = "\n".join(lines) + "\n"
     print(md)
     if a.md:
-        a.md.write_text(md)
+        write_text(a.md, md)
     if a.json:
-        a.json.write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
+        write_text(a.json, json.dumps({"meta": meta, "rows": results}, indent=2))
     return 1 if any("error" in r for r in results) else 0
 
 

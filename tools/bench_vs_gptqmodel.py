@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +28,13 @@ from pathlib import Path
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel 7.7 refuses 1-worker pools on 2-core machines
 
 import torch  # noqa: E402
+from _common import ints  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.io.data import calibration_samples, eval_windows, load_texts  # noqa: E402
-from gift_quant.eval.perplexity import perplexity  # noqa: E402
-from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.compress.pipeline import compress_model  # noqa: E402
+from gift_quant.config import GiftConfig  # noqa: E402
+from gift_quant.eval.perplexity import perplexity  # noqa: E402
+from gift_quant.io.data import calibration_samples, eval_windows, load_texts  # noqa: E402
+from gift_quant.io.model_io import load_model  # noqa: E402
 
 
 def run_gptqmodel(fp_dir: Path, out_dir: Path, calib: torch.Tensor, bits: int, group_size: int, damp: float,
@@ -73,11 +69,15 @@ def main():
     ap.add_argument("--gptqmodel-only", action="store_true", help="skip the gift runs (diagnostics)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
+    try:
+        bits_list = ints(a.bits)
+    except ValueError:
+        ap.error("--bits takes comma-separated integers")
     import gptqmodel
-    from gift_quant.integrations.gptq.convert import import_gptq
     from transformers import AutoModelForCausalLM
 
-    bits_list = [int(b) for b in a.bits.split(",")]
+    from gift_quant.integrations.gptq.convert import import_gptq
+
     torch.manual_seed(0)
     model, tok = load_model(a.model)
     calib = calibration_samples(load_texts("bundled"), tok, a.calib_samples, a.seq_len, seed=0)

@@ -8,19 +8,35 @@ prints max |y - y64| / bound for addmm, for x @ W^T, and for fp32 accumulation w
 
     python tools/diag_cublas_bound.py          # on a GPU; on CPU it checks itself on 3 layers
 """
+import importlib.util
 import itertools
 import sys
 from pathlib import Path
 
+import _common  # noqa: F401  (one clear line when gift_quant is not installed)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.kernels.cpp_emulation import gpu_test_layers, operands, rounding_bound  # noqa: E402
+
+def _emulation():
+    """The C++ kernel's CPU emulation, which lives with its tests (tests/kernels/cpp_emulation.py); loaded
+    from its file, so neither the checkout nor its tests go onto ``sys.path`` (gift_quant stays the
+    installed one)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "kernels" / "cpp_emulation.py"
+    if not path.is_file():
+        print(f"diag_cublas_bound: error: {path} not found (run it from a gift-quant checkout)", file=sys.stderr)
+        raise SystemExit(2)
+    spec = importlib.util.spec_from_file_location("cpp_emulation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main():
+    emu = _emulation()
+    gpu_test_layers, operands, rounding_bound = emu.gpu_test_layers, emu.operands, emu.rounding_bound
     m = torch.backends.cuda.matmul
     n = 40 if DEV == "cuda" else 3
     print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}, torch {torch.__version__}")

@@ -32,7 +32,7 @@ def disk_size_mib(path) -> float | None:
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
@@ -81,7 +81,7 @@ def measure_safe(model, vocab: int, batch: int, prompt_len: int, new_tokens: int
         row.update(measure(model, vocab, batch, prompt_len, new_tokens, device, **generate_kwargs))
         row["status"] = "ok"
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         row["status"] = "OOM"
         if device.type == "cuda":

@@ -18,38 +18,11 @@ from gift_quant.nn import GiftLinear, MixedPrecisionLinear
 from gift_quant.nn.experts import MixedPrecisionExperts, split_fused_experts
 from gift_quant.compress.layers import decoder_layers
 from gift_quant.core.saliency import ActivationStats
+from tools._common import MOE_ARCHS, MOE_EXPERTS as E, tiny_moe
 
 from ..conftest import char_tokenizer, tiny_llama
 
-E, TOPK = 4, 2
-
-
-def tiny_moe(arch: str, seed: int = 0, experts: int = E, topk: int = TOPK):
-    import transformers as tf
-    torch.manual_seed(seed)
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                  num_experts_per_tok=topk, max_position_embeddings=1024, tie_word_embeddings=False)
-    if arch == "mixtral":
-        cfg = tf.MixtralConfig(intermediate_size=96, num_key_value_heads=2, num_local_experts=experts, **common)
-        return tf.MixtralForCausalLM(cfg).eval()
-    if arch == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=96, num_key_value_heads=2, head_dim=16,
-                                num_experts=experts, **common)
-        return tf.Qwen3MoeForCausalLM(cfg).eval()
-    if arch == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=96, shared_expert_intermediate_size=64,
-                                num_key_value_heads=2, num_experts=experts, **common)
-        return tf.Qwen2MoeForCausalLM(cfg).eval()
-    if arch == "deepseek_v3":
-        cfg = tf.DeepseekV3Config(intermediate_size=96, moe_intermediate_size=96, num_key_value_heads=4,
-                                  n_routed_experts=experts, n_group=1, topk_group=1, first_k_dense_replace=1,
-                                  q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                  v_head_dim=16, **common)
-        return tf.DeepseekV3ForCausalLM(cfg).eval()
-    raise ValueError(arch)
-
-
-ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3"]
+ARCHS = list(MOE_ARCHS)
 MOE_LAYERS = {"mixtral": 2, "qwen3_moe": 2, "qwen2_moe": 2, "deepseek_v3": 1}
 
 
