@@ -50,7 +50,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
 
 from kernel_sass import KernelSpecError, Ptr, analyze_kernel
 
