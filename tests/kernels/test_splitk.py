@@ -203,3 +203,18 @@ def test_int4pack_path_only_where_packed_and_bf16():
     L.__dict__["_int4"] = torch_int4.build(L)
     yb = triton_ops.run(x.to(torch.bfloat16), L, 0, "int4pack")
     assert yb.dtype == torch.bfloat16 and _err(yb, _ref(layer, x.to(torch.bfloat16))) < 2e-2
+
+
+def test_frozen_layer_traces_under_compile_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) of a layer prepare_model froze: tracing skips the frozen record and
+    goes through the custom op (no graph break), and the result matches eager."""
+    from gift_quant.nn import dispatch
+    monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
+    dispatch.reset()
+    layer = MixedPrecisionLinear.random(96, 40, 4, 32, 3, bias=True, seed=4).to(DEV)
+    dispatch.prepare_model(layer, torch.float16, warmup_tokens=(2,))
+    x = torch.randn(2, 96, device=DEV).to(torch.float16)
+    f = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), layer(x))
+    dispatch.reset()
