@@ -218,3 +218,19 @@ def test_frozen_layer_traces_under_compile_fullgraph(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(f(x), layer(x))
     dispatch.reset()
+
+
+def test_device_check_script_parses_and_writes_the_tuned_table():
+    """The one-call device check: valid bash, strict mode, the issue's default parts, the table written."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "tools" / "device_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    assert "set -euo pipefail" in text and "--tuned-out" in text
+    assert re.search(r"^DEFAULT=\(env kernel compile tests\)$", text, re.M)
+    assert int(re.search(r"DEVICE_CHECK_BUDGET:-(\d+)", text).group(1)) <= 360
