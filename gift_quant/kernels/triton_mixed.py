@@ -211,7 +211,7 @@ def _splitk_finish(y, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs
     if SPLIT > 1:
         wmask = mmask[:, None] & nmask[None, :]
         if ATOMIC:
-            tl.atomic_add(ws_ptr + offs_mn, y, mask=wmask)
+            tl.atomic_add(ws_ptr + offs_mn, y, mask=wmask, sem="relaxed")  # ordered by the counter below
         else:
             tl.store(ws_ptr + pid_k * (MB * Np) + offs_mn, y, mask=wmask)
         tl.debug_barrier()
@@ -219,7 +219,7 @@ def _splitk_finish(y, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs
         if arrived == SPLIT - 1:
             if ATOMIC:
                 wsi = ws_ptr.to(tl.pointer_type(tl.int32))  # exchange the bits: read and re-zero at L2
-                y = tl.atomic_xchg(wsi + offs_mn, tl.zeros((MB, BN), dtype=tl.int32), mask=wmask)
+                y = tl.atomic_xchg(wsi + offs_mn, tl.zeros((MB, BN), dtype=tl.int32), mask=wmask, sem="relaxed")
                 y = y.to(tl.float32, bitcast=True)
             else:
                 y = tl.zeros((MB, BN), dtype=tl.float32)
