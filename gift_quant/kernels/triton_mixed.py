@@ -374,8 +374,11 @@ def splitk_config(M: int, Np: int, tiles: int, tile: int, device: torch.device) 
     warps = 4
     BN = 256 if kernel == "fma" else 128  # fma: 8 columns per thread share each x value; dot: 8.1 vs 11.1
     # SASS instructions per code at 4 bits than BN 64 (triton 3.6, sm_90a)
+    target = PROGRAMS_PER_SM * sm_count(device)
+    if kernel == "fma" and -(-Np // BN) * tiles < target:
+        BN = 128  # too few tiles to split further (4096x4096): narrower column blocks instead
     blocks = -(-Np // BN)
-    split = max(1, min(tiles, -(-PROGRAMS_PER_SM * sm_count(device) // blocks)))
+    split = max(1, min(tiles, -(-target // blocks)))
     return dict(KERNEL=kernel, BN=BN, MB=MB, SPLIT=split, num_warps=warps, STAGES=2, ATOMIC=False)
 
 
