@@ -34,7 +34,7 @@ def _stream(device: torch.device) -> int:
 
 
 class Entry:
-    __slots__ = ("kernel", "names", "checked")
+    __slots__ = ("checked", "kernel", "names")
 
     def __init__(self, kernel, names):
         self.kernel, self.names, self.checked = kernel, names, False

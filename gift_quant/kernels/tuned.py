@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 TABLES = Path(__file__).with_name("tuned_tables")
@@ -31,7 +31,7 @@ def table_name(device_name: str, capability: tuple[int, int]) -> str:
     return f"{slug}-sm{capability[0]}{capability[1]}.json"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(device_name: str, capability: tuple[int, int]) -> dict | None:
     """The shipped table for this GPU, or None (an unreadable table is ignored, never fatal)."""
     p = TABLES / table_name(device_name, capability)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import triton_ops
 from . import backends
 from .env import _kernel_env
 from .layout_cache import _KERNEL, _tensors
@@ -21,7 +22,7 @@ _FROZEN_ATTR = "_gift_frozen"
 class _Frozen:
     """What prepare_model fixed for one layer: backend, dtype, layout and the tuned token policy, valid
     while the same weight tensors (identity and ``_version``) and the same GIFT_QUANT_KERNEL are there."""
-    __slots__ = ("backend", "dtype", "device", "layout", "gmt", "prefill", "tensors", "env", "sw")
+    __slots__ = ("backend", "device", "dtype", "env", "gmt", "layout", "prefill", "sw", "tensors")
 
     def __init__(self, layer, backend, dtype, layout, gmt, prefill):
         self.backend, self.dtype, self.layout, self.gmt, self.prefill = backend, dtype, layout, gmt, prefill
@@ -40,12 +41,11 @@ class _Frozen:
 
 def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> torch.Tensor:
     """y = x @ dequant(base)^T + x[..., salient_idx] @ salient_weight^T (+ bias), on the chosen backend."""
-    fz = layer.__dict__.get(_FROZEN_ATTR)
-    if (fz is not None and backend is None and x.dtype == fz.dtype and x.device == fz.device
-            and not (torch.is_grad_enabled() and (x.requires_grad or fz.sw.requires_grad))
-            and not torch.compiler.is_compiling() and fz.valid(layer)):
-        from ..kernels import triton_ops
-        return triton_ops._forward(x, fz.layout, fz.gmt, fz.prefill)  # the frozen eager route
+    if not torch.compiler.is_compiling():  # first: tracing never looks at the frozen record
+        fz = layer.__dict__.get(_FROZEN_ATTR)
+        if (fz is not None and backend is None and x.dtype == fz.dtype and x.device == fz.device
+                and not (torch.is_grad_enabled() and (x.requires_grad or fz.sw.requires_grad)) and fz.valid(layer)):
+            return triton_ops._forward(x, fz.layout, fz.gmt, fz.prefill)  # the frozen eager route
     if needs_autograd(x, layer):
         return torch_forward(x, layer)
     return backends._run(backends.resolve(x, layer, backend), x, layer)

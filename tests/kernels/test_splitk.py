@@ -203,3 +203,34 @@ def test_int4pack_path_only_where_packed_and_bf16():
     L.__dict__["_int4"] = torch_int4.build(L)
     yb = triton_ops.run(x.to(torch.bfloat16), L, 0, "int4pack")
     assert yb.dtype == torch.bfloat16 and _err(yb, _ref(layer, x.to(torch.bfloat16))) < 2e-2
+
+
+def test_frozen_layer_traces_under_compile_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) of a layer prepare_model froze: tracing skips the frozen record and
+    goes through the custom op (no graph break), and the result matches eager."""
+    from gift_quant.nn import dispatch
+    monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
+    dispatch.reset()
+    layer = MixedPrecisionLinear.random(96, 40, 4, 32, 3, bias=True, seed=4).to(DEV)
+    dispatch.prepare_model(layer, torch.float16, warmup_tokens=(2,))
+    x = torch.randn(2, 96, device=DEV).to(torch.float16)
+    f = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), layer(x))
+    dispatch.reset()
+
+
+def test_device_check_script_parses_and_writes_the_tuned_table():
+    """The one-call device check: valid bash, strict mode, the issue's default parts, the table written."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "tools" / "device_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    assert "set -euo pipefail" in text and "--tuned-out" in text
+    assert re.search(r"^DEFAULT=\(env kernel compile tests\)$", text, re.M)
+    assert int(re.search(r"DEVICE_CHECK_BUDGET:-(\d+)", text).group(1)) <= 360
