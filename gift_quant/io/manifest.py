@@ -12,7 +12,8 @@ from gift_quant.errors import GiftError
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex digest of a file, read in 1 MiB chunks (checkpoints are larger than memory should hold twice)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -29,7 +30,7 @@ def _tensors(path: Path) -> dict:
 
 def write_manifest(folder) -> Path:
     folder = Path(folder)
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     tensors = {p.name: _tensors(p) for p in sorted(folder.glob("*.safetensors"))}
     out = folder / MANIFEST
@@ -56,6 +57,6 @@ def verify(folder) -> int:
             raise GiftError(f"{name}: listed in the manifest but missing")
         if p.stat().st_size != info["bytes"]:
             raise GiftError(f"{name}: size {p.stat().st_size} != {info['bytes']} in the manifest (truncated?)")
-        if _sha256(p) != info["sha256"]:
+        if sha256(p) != info["sha256"]:
             raise GiftError(f"{name}: sha256 does not match the manifest (corrupted or modified)")
     return len(files)

@@ -18,6 +18,7 @@ import torch
 
 from gift_quant.errors import GiftError
 from gift_quant.io.atomic import fsync_path
+from gift_quant.io.manifest import sha256
 from gift_quant.io.model_io import architecture_json
 
 STATE_JSON = "train_state.json"
@@ -52,14 +53,6 @@ def _load_opt(opt, names, tensors):
               k[len(f"opt.{n}."):].count(".") == 0}
         if st:
             opt.state[p] = {k: (v.to(p.device) if k != "step" else v.to(torch.float32)) for k, v in st.items()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dir(work_dir) -> Path | None:
@@ -98,7 +91,7 @@ def save_state(work_dir: Path, step: int, names, opt, best, rep, fp: str, settin
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_TENSORS),
                   metadata={"step": str(step)})
         fsync_path(tmp / STATE_TENSORS)
-        meta = {"step": step, "fingerprint": fp, "tensors_sha256": _sha256(tmp / STATE_TENSORS),
+        meta = {"step": step, "fingerprint": fp, "tensors_sha256": sha256(tmp / STATE_TENSORS),
                 "losses": rep.losses, "val_losses": rep.val_losses, "best_step": rep.best_step,
                 "best_val": rep.best_val, "settings": asdict(settings)}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -128,7 +121,7 @@ def load_state(work_dir: Path, fp: str, names, opt, rep):
                         f"(fingerprint {meta.get('fingerprint')} != {fp}); delete it or change --output")
     from safetensors.torch import load_file
     f = state_dir(work_dir) / STATE_TENSORS
-    if not f.is_file() or _sha256(f) != meta.get("tensors_sha256"):
+    if not f.is_file() or sha256(f) != meta.get("tensors_sha256"):
         raise GiftError(f"cannot resume from {work_dir}: the training checkpoint of step {meta.get('step')} does "
                         f"not match its tensors file; delete it to start over")
     t = load_file(str(f))
