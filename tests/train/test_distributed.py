@@ -80,7 +80,9 @@ def _torchrun(args, tmp_path, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # a rank's own error comes first in the log, before the launcher's teardown noise
+    errors = [ln for ln in (p.stdout + p.stderr).splitlines() if "error" in ln.lower()][:20]
+    assert p.returncode == 0, "\n".join(errors) + "\n...\n" + p.stdout[-2000:] + p.stderr[-2000:]
     return p
 
 
