@@ -1,7 +1,7 @@
 """Static check of the Triton kernels for an H200 (sm_90) on a machine without a GPU.
 
     python tools/kernel_static.py                                  # every variant, bits 2/3/4, all buckets
-    python tools/kernel_static.py --kernels gemv --shapes 4096x11008 --bits 4 --tokens 1
+    python tools/kernel_static.py --kernels splitk --shapes 4096x11008 --bits 4 --tokens 1
     python tools/kernel_static.py --calibrate benchmarks/h200-2026-11-27b/kernel.json --out rows.jsonl
 
 Each row of ``VARIANTS`` is one kernel launch as the dispatcher makes it (constexprs, num_warps, grid,
