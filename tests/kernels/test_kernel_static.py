@@ -101,8 +101,9 @@ def test_splitk_dot_loads_x_as_vectors(rows):
 
 @needs_tools
 @pytest.mark.parametrize("kernel", ["splitk", "splitk_dot"])
-@pytest.mark.xfail(strict=True, reason="split-K: the weights come through cp.async (tl.range num_stages=2), yet "
-                                       "the model still counts 2.5-4 waits on DRAM loads per main-loop iteration")
+@pytest.mark.xfail(strict=True, reason="split-K: the weights come through cp.async (tl.range num_stages=2), but the "
+                                       "main loop drains every group (DEPBAR.LE SB0, 0x0) and awaits plain LDGs of "
+                                       "the tile's zero point (and scale) in the same iteration: 2.5-4 waits")
 def test_splitk_issues_loads_ahead(rows, kernel):
     assert all(r["exposures_per_iter"] <= 1 for r in _of(rows, kernel))
 
