@@ -13,10 +13,7 @@ RANKS = (("errors", "settings", "version"), ("core", "config"), ("kernels",), ("
 RANK = {name: i for i, names in enumerate(RANKS) for name in names}
 
 # known exceptions, owned elsewhere; the test fails when one disappears, so the list only shrinks
-KNOWN_CYCLES: set[frozenset] = {
-    # dispatch (kernel issue) imports MixedPrecisionLinear lazily for isinstance checks
-    frozenset({"gift_quant.nn.dispatch", "gift_quant.nn.mixed_linear"}),
-}
+KNOWN_CYCLES: set[frozenset] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: the self-check runs once
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: F401  (one clear line when gift_quant is not installed)
+
 from gift_quant.kernels import triton_mixed, triton_ops
 from gift_quant.nn import dispatch
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear

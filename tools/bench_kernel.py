@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import ints
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gift_quant.nn import dispatch  # noqa: E402
-from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
-from gift_quant.core.packing import pack_qweight, pack_qzeros  # noqa: E402
+from gift_quant.core.packing import pack_qweight, pack_qzeros
+from gift_quant.nn import dispatch
+from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
 BIG = 1 << 30
 
@@ -155,8 +154,7 @@ def main(argv=None):
         ap.error(f"unknown backend(s) {sorted(bad)}; choose from triton, cuda, torch")
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
-        batches = [int(b) for b in a.batches.split(",")]
-        bitss = [int(b) for b in a.bits.split(",")]
+        batches, bitss = ints(a.batches), ints(a.bits)
     except ValueError as e:
         ap.error(f"bad --shapes/--batches/--bits: {e}")
 
@@ -174,7 +172,7 @@ def main(argv=None):
     try:
         import triton
         meta["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         meta["triton"] = None
     if cuda:
         meta["copy_bw_GBs"] = copy_bandwidth(device) / 1e9
@@ -190,7 +188,7 @@ def main(argv=None):
     print(json.dumps(meta), flush=True)
 
     def run(backend, x, layer, gmt=None):
-        return dispatch._run(backend, x, layer, gmt)
+        return dispatch.run(backend, x, layer, gmt)
 
     sweep = []
     if a.sweep and "triton" in backends and 1 in batches:
@@ -300,7 +298,7 @@ def main(argv=None):
                             sr["speedup"] = row["us_fp16"] / sr["us"]
                             if meta["copy_bw_GBs"]:
                                 sr["pct_copy_bw"] = 100 * row["bytes"] / t / 1e9 / meta["copy_bw_GBs"]
-                        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
+                        except Exception as e:
                             sr["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                         sweep_rows.append(sr)
                         print(json.dumps(sr), flush=True)

@@ -166,8 +166,8 @@ part_compress() {
   section "compress --bits 2 --recipe post on the GPU (SmolLM2-shaped, random weights)"
   $PY - "$WORK/smollm2_random" $SMOL <<'EOF' || return 1
 import sys, torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
+from tools._common import char_tokenizer
 d = sys.argv[1]
 h, i, n, heads, kv, vocab = map(int, sys.argv[2:8])
 torch.manual_seed(0)
@@ -175,11 +175,7 @@ cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_a
                   num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192,
                   tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
 LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(d)
-chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>").save_pretrained(d)
+char_tokenizer().save_pretrained(d)
 print("random SmolLM2-shaped model written to", d)
 EOF
   $PY - "$WORK/smollm2_random" "$WORK/ckpt" "$OUT/compress.json" "$DEV" <<'EOF'

@@ -1,7 +1,7 @@
 """Static check of the Triton kernels for an H200 (sm_90) on a machine without a GPU.
 
     python tools/kernel_static.py                                  # every variant, bits 2/3/4, all buckets
-    python tools/kernel_static.py --kernels gemv --shapes 4096x11008 --bits 4 --tokens 1
+    python tools/kernel_static.py --kernels splitk --shapes 4096x11008 --bits 4 --tokens 1
     python tools/kernel_static.py --calibrate benchmarks/h200-2026-11-27b/kernel.json --out rows.jsonl
 
 Each row of ``VARIANTS`` is one kernel launch as the dispatcher makes it (constexprs, num_warps, grid,
@@ -82,11 +82,23 @@ class Case:
 
     @property
     def chunks(self):
-        return max(1, -(-self.K // 32))
+        return max(1, self.groups * self.group // 32)  # every group padded to group rows (kernels.layout)
 
     @property
     def groups(self):
         return -(-self.K // self.group)
+
+    @property
+    def tile(self):
+        """Chunks per tile (kernels.layout._tile_for): the largest power of two <= 8 dividing group / 32."""
+        t = 8
+        while (self.group // 32) % t:
+            t //= 2
+        return t
+
+    @property
+    def tiles(self):
+        return self.chunks // self.tile
 
     @property
     def kp(self):
@@ -136,11 +148,21 @@ def _gemv_max_tokens() -> int:
     return _kmod("triton_ops").GEMV_MAX_TOKENS
 
 
-# ---------------------------------------------------------------- today's kernels (triton_mixed.py)
-# Shared by the three kernels: pointer dtypes of the layout (fp16 activations) and the roles of loads.
+# ---------------------------------------------------------------- the kernels (triton_mixed.py)
+# Pointer dtypes of the layout (fp16 activations) and the roles of loads. The split-K workspace and
+# arrival counters are read back by the last program of a column block only (L2: 'cached').
 _MIXED_ROLES = {"qw_ptr": "weight", "sw_ptr": "weight", "s_ptr": "meta", "z_ptr": "meta",
                 "gch_ptr": "cached", "perm_ptr": "cached", "si_ptr": "cached", "b_ptr": "cached",
-                "x_ptr": "x"}
+                "ws_ptr": "cached", "lock_ptr": "cached", "x_ptr": "x"}
+_CPU = None  # splitk_config's device: a CPU device stands for the H200's 132 SMs
+
+
+def _device():
+    global _CPU
+    if _CPU is None:
+        import torch
+        _CPU = torch.device("cpu")
+    return _CPU
 
 
 def _mixed_ptrs(c: Case, out_bytes: int) -> dict:
@@ -156,19 +178,50 @@ def _mixed_ints(c: Case) -> dict:
             "stride_xm": c.K, "stride_ym": c.N}
 
 
-def _gemv(tm, c: Case, config: dict | None = None) -> Launch:
-    """mixed_linear(path='gemv'): grid (Np / BN, tokens), each program walks all of K."""
-    cfg = {**tm.gemv_config(c.tokens, c.N, c.chunks), **(config or {})}
-    args = {**_mixed_ptrs(c, c.layout_bytes()["y"]), **_mixed_ints(c),
-            "BITS": c.bits, "W": cfg["W"], "BN": cfg["BN"], "IDENTITY": True, "HAS_BIAS": False}
-    return Launch(args, (math.ceil(c.Np / cfg["BN"]), c.tokens), cfg["num_warps"], weight_reads=c.tokens)
+def _splitk_args(tm, c: Case, config: dict | None):
+    """splitk(): the config, kernel parameters and grid of one call of up to SPLITK_MAX_TOKENS tokens."""
+    m = min(c.tokens, tm.SPLITK_MAX_TOKENS)
+    cfg = {**tm.splitk_config(m, c.Np, c.tiles, c.tile, _device()), **(config or {})}
+    MB = max(16, cfg["MB"]) if cfg["KERNEL"] == "dot" else cfg["MB"]
+    blocks = math.ceil(c.Np / cfg["BN"])
+    split, atomic = cfg["SPLIT"], bool(cfg["ATOMIC"])
+    ptrs = _mixed_ptrs(c, m * c.N * 2)
+    del ptrs["gch_ptr"]
+    ptrs["x_ptr"] = Ptr("fp16", m * c.K * 2)
+    ptrs["perm_ptr"] = Ptr("i32", c.chunks * 32 * 4)  # perm_pos: input feature of each position
+    ptrs["ws_ptr"] = Ptr("fp32", (1 if atomic else split) * MB * c.Np * 4)
+    ptrs["lock_ptr"] = Ptr("i32", blocks * 4)
+    ts = c.kp // (c.tile if cfg["KERNEL"] == "fma" else 32)
+    args = {**ptrs, "M": m, "K": c.K, "N": c.N, "Np": c.Np, "T": c.tiles, "TPG": c.group // (32 * c.tile),
+            "TS": ts, "stride_xm": c.K, "stride_ym": c.N, "BITS": c.bits, "W": c.tile, "BN": cfg["BN"], "MB": MB,
+            "SPLIT": split, "IDENTITY": True, "EVEN_K": c.K == c.chunks * 32, "HAS_BIAS": False, "ATOMIC": atomic,
+            "STAGES": cfg["STAGES"]}
+    if cfg["KERNEL"] == "dot":
+        args["IEEE"] = False
+    calls = math.ceil(c.tokens / m)
+    return cfg, args, (blocks, split), calls
+
+
+def _splitk(tm, c: Case, config: dict | None = None) -> Launch:
+    """splitk() at 1 token: _splitk_kernel (CUDA cores), grid (Np / BN, SPLIT); each weight byte read once;
+    the cross-split reduction is the last program of each column block (no separate pass)."""
+    cfg, args, grid, calls = _splitk_args(tm, c, config)
+    return Launch(args, grid, cfg["num_warps"], weight_reads=calls)
+
+
+def _splitk_dot(tm, c: Case, config: dict | None = None) -> Launch:
+    """splitk() at 2-16 tokens: _splitk_dot_kernel (tl.dot on a 16-row x tile), grid (Np / BN, SPLIT).
+    Each row of the [32*W, BN] code tile loads its word: 32/bits loads per word (3 bits: 64/3)."""
+    cfg, args, grid, calls = _splitk_args(tm, c, config)
+    reload = {"qw_ptr": 64 / 3 if c.bits == 3 else 32 / c.bits}
+    return Launch(args, grid, cfg["num_warps"], weight_reads=calls, reload=reload)
 
 
 def _gemm(tm, c: Case, config: dict | None = None) -> Launch:
     """mixed_linear(path='gemm'): grid (tokens / BM, Np / BN)."""
     cfg = {**tm.gemm_config(c.tokens, c.N), **(config or {})}
     args = {**_mixed_ptrs(c, c.layout_bytes()["y"]), **_mixed_ints(c), "BITS": c.bits, "BM": cfg["BM"],
-            "BK": cfg["BK"], "BN": cfg["BN"], "IDENTITY": True, "HAS_BIAS": False, "IEEE": False}
+            "BK": cfg["BK"], "BN": cfg["BN"], "IDENTITY": True, "HAS_BIAS": False, "IEEE": False, "TW": c.tile}
     grid = (math.ceil(c.tokens / cfg["BM"]), math.ceil(c.Np / cfg["BN"]))
     # every row of a [BK, BN] tile loads its code's word: 32 loads per chunk of `bits` words (3 bits: 32 of
     # the 2-bit planes + 32 of the high plane per 3 words)
@@ -182,19 +235,23 @@ def _dequant(tm, c: Case, config: dict | None = None) -> Launch:
     b = c.layout_bytes()
     args = {"qw_ptr": Ptr("i32", b["qweight"]), "perm_ptr": Ptr("i32", b["perm"]), "gch_ptr": Ptr("i32", b["gchunk"]),
                 "s_ptr": Ptr("fp16", b["scales"]), "z_ptr": Ptr("u8", b["zeros"]), "w_ptr": Ptr("fp16", b["wt"]),
-                "K": c.K, "Np": c.Np, "C": c.chunks, "BITS": c.bits, "W": W, "BN": BN, "IDENTITY": True}
+                "K": c.K, "Np": c.Np, "C": c.chunks, "BITS": c.bits, "W": W, "BN": BN, "IDENTITY": True,
+                "TW": c.tile}
     return Launch(args, (math.ceil(c.chunks / W), math.ceil(c.Np / BN)), 4,
                   bytes=b["qweight"] + b["scales"] + b["zeros"] + b["wt"])
 
 
 VARIANTS = [
-    Variant("gemv", "triton_mixed", "_gemv_kernel", _gemv, lambda t: t <= _gemv_max_tokens(), _MIXED_ROLES,
-            bench_key="us_triton_gemv", swept=True, note="decode GEMV (default up to GIFT_QUANT_GEMV_MAX_TOKENS)"),
+    Variant("splitk", "triton_mixed", "_splitk_kernel", _splitk, lambda t: t == 1, _MIXED_ROLES,
+            bench_key="us_triton_gemv", swept=True, note="decode, 1 token: split-K on CUDA cores"),
+    Variant("splitk_dot", "triton_mixed", "_splitk_dot_kernel", _splitk_dot,
+            lambda t: 1 < t <= _gemv_max_tokens(), _MIXED_ROLES, bench_key="us_triton_gemv",
+            note="decode, 2-16 tokens: split-K on tensor cores (tl.dot)"),
     Variant("dequant", "triton_mixed", "_dequant_kernel", _dequant, lambda t: t > _gemv_max_tokens(),
             _MIXED_ROLES, bench_key="us_triton_dequant", plus_fp16=True,
             note="prefill default: W^T written once, then the fp16 GEMM"),
     Variant("gemm", "triton_mixed", "_gemm_kernel", _gemm, lambda t: t > _gemv_max_tokens(), _MIXED_ROLES,
-            bench_key="us_triton_gemm", note="prefill opt-in (GIFT_QUANT_TRITON_PREFILL=gemm)"),
+            bench_key="us_triton_gemm", note="prefill opt-in (GIFT_QUANT_TRITON_PREFILL=gemm, or a tuned table)"),
 ]
 
 
@@ -335,8 +392,8 @@ def _sweep(a, names, sweep, bench, shapes, bitss, cache, triton_version) -> list
         mod = _kmod(v.module)
         fn = getattr(mod, v.kernel)
         for e in sweep:
-            if (e["K"], e["N"]) not in shapes or e["bits"] not in bitss:
-                continue
+            if (e["K"], e["N"]) not in shapes or e["bits"] not in bitss or "us" not in e:
+                continue  # another shape, or a tile that failed on the device
             c = Case(e["K"], e["N"], e["bits"], 1)
             launch = v.launch(mod, c, e["config"])
             st = analyze_kernel(fn, launch.args, launch.num_warps, launch.num_stages, v.roles, cache)

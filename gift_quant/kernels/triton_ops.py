@@ -27,7 +27,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _forward(x: Tensor, L: TritonLayout, gemv_max_tokens: int, prefill: str) -> Tensor:
+def eager_forward(x: Tensor, L: TritonLayout, gemv_max_tokens: int, prefill: str) -> Tensor:
     """The op's body: the GEMV for up to ``gemv_max_tokens`` tokens, else the ``prefill`` path."""
     from . import triton_mixed
     x2d = x.reshape(-1, L.in_features)
@@ -48,7 +48,7 @@ def mixed_linear_triton(x: Tensor, qweight: Tensor, perm: Tensor, gchunk: Tensor
                         perm_pos: Tensor, tile: int, group_rows: int) -> Tensor:
     L = TritonLayout(qweight, perm, gchunk, scales, zeros, sal_w, sal_idx, bias, bits, in_features, out_features,
                      identity_rows, perm_pos, tile, group_rows)
-    return _forward(x, L, gemv_max_tokens, prefill)
+    return eager_forward(x, L, gemv_max_tokens, prefill)
 
 
 @mixed_linear_triton.register_fake
@@ -67,7 +67,7 @@ def run(x: Tensor, L: TritonLayout, gemv_max_tokens: int = GEMV_MAX_TOKENS, pref
     if not torch.compiler.is_compiling():
         # eager: the op's body directly. The custom-op dispatch is what tracing needs, and in eager it
         # costs more than the decode kernel itself (tools/bench_dispatch_overhead.py)
-        return _forward(x, L, gemv_max_tokens, prefill)
+        return eager_forward(x, L, gemv_max_tokens, prefill)
     return torch.ops.gift_quant.mixed_linear_triton(x, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w,
                                                     L.sal_idx, L.bias, L.bits, L.in_features, L.out_features,
                                                     L.identity_rows, gemv_max_tokens, prefill, L.perm_pos,

@@ -12,17 +12,18 @@ import torch
 from ..kernels.triton_ops import (
     GEMV_MAX_TOKENS,  # GIFT_QUANT_GEMV_MAX_TOKENS (tests patch it here)
 )
-from .env import CUDA_GEMV_MAX_TOKENS, _interp_env, _kernel_env, requested_backend
+from .env import CUDA_GEMV_MAX_TOKENS, interp_env, kernel_env, requested_backend
 from .layout_cache import prepared
 from .torch_forward import torch_forward
 
 _warned: set = set()
 _resolved: dict = {}  # (backend arg, env, device, dtype, bits) -> backend that runs (successes only)
-_self_check = {"fn": None}
+_self_check = {"fn": None, "forget": None}
 
 
-def register_self_check(fn):
-    _self_check["fn"] = fn
+def register_self_check(fn, forget):
+    """``fn(backend, bits, dtype, device)`` runs the check; ``forget()`` drops its memoized results."""
+    _self_check.update(fn=fn, forget=forget)
 
 
 def self_check(backend: str, bits: int, dtype: torch.dtype, device: torch.device) -> float | None:
@@ -61,7 +62,7 @@ def cuda_unavailable(x: torch.Tensor) -> str | None:
     return None
 
 
-def _run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None,
+def run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None,
          prefill: str | None = None) -> torch.Tensor:
     gmt = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
     if backend == "triton":
@@ -74,7 +75,7 @@ def _run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = Non
     return torch_forward(x, layer)
 
 
-def _warn_once(reason: str):
+def warn_once(reason: str):
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"gift-quant: GIFT_QUANT_KERNEL=auto: {reason}; using the PyTorch path (correct, "
@@ -84,7 +85,7 @@ def _warn_once(reason: str):
 def resolve(x: torch.Tensor, layer, backend: str | None = None) -> str:
     """The backend that will run x through layer: 'triton', 'cuda' or 'torch' (raises for a named backend
     that cannot run)."""
-    memo = (backend, _kernel_env(), _interp_env(), x.device, x.dtype, layer.bits)
+    memo = (backend, kernel_env(), interp_env(), x.device, x.dtype, layer.bits)
     hit = _resolved.get(memo)
     if hit is not None:
         return hit
@@ -107,7 +108,7 @@ def _resolve(x: torch.Tensor, layer, backend: str | None) -> str:
             if err is not None:
                 reason = f"the Triton kernel failed its self-check (bits={layer.bits}, {x.dtype}, rel. error {err:.1e})"
         if reason is not None:
-            _warn_once(reason)
+            warn_once(reason)
             return "torch"
         return "triton"
     reason = triton_unavailable(x) if name == "triton" else cuda_unavailable(x)
@@ -126,7 +127,7 @@ def _wants_kernel(x: torch.Tensor) -> bool:
 
 def reset():
     """Forget self-check results, warnings and memoized choices (tests)."""
-    from . import self_check as sc
-    sc._checked.clear()
+    if _self_check["forget"] is not None:
+        _self_check["forget"]()
     _warned.clear()
     _resolved.clear()

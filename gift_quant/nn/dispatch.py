@@ -20,16 +20,22 @@ modules, not here: this module only re-exports them.
 """
 from .backends import (  # noqa: F401
     GEMV_MAX_TOKENS,
-    _run,
-    _warn_once,
     cuda_unavailable,
     reset,
     resolve,
+    run,
     self_check,
     triton_unavailable,
+    warn_once,
 )
 from .env import BACKENDS, CUDA_GEMV_MAX_TOKENS, requested_backend  # noqa: F401
-from .layout_cache import _BASE, _KERNEL, _key, _tensors, prepared  # noqa: F401
-from .prepare import _policy, prepare_model, unfreeze  # noqa: F401
-from .route import _FROZEN_ATTR, _Frozen, mixed_linear_forward, needs_autograd  # noqa: F401
+from .layout_cache import (  # noqa: F401
+    BASE_TENSORS,
+    KERNEL_TENSORS,
+    layout_key,
+    module_tensors,
+    prepared,
+)
+from .prepare import prepare_model, token_policy, unfreeze  # noqa: F401
+from .route import FROZEN_ATTR, Frozen, mixed_linear_forward, needs_autograd  # noqa: F401
 from .torch_forward import torch_cache_enabled, torch_forward  # noqa: F401

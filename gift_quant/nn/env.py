@@ -18,7 +18,7 @@ def _env_reader(name: str):
     return lambda: os.environ.get(name)
 
 
-_kernel_env, _interp_env, _torch_cache_env = (_env_reader(n) for n in
+kernel_env, interp_env, torch_cache_env = (_env_reader(n) for n in
                                               ("GIFT_QUANT_KERNEL", "TRITON_INTERPRET", "GIFT_QUANT_TORCH_CACHE"))
 
 
@@ -30,6 +30,6 @@ def requested_backend() -> str:
     return name
 
 
-def _interpreting() -> bool:
-    raw = _interp_env()
+def interpreting() -> bool:
+    raw = interp_env()
     return raw is not None and raw.strip() not in (b"", b"0", "", "0")

@@ -9,7 +9,7 @@ from ..kernels import torch_path
 _CACHE_ATTR = "_gift_kernel_cache"
 
 
-def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
+def dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
     """[in, out] base in ``dtype`` with the salient rows zeroed (foreign checkpoints may hold codes there)."""
     wt = torch_path.dequantize_t(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
                                  layer.in_features, layer.out_features, dtype, getattr(layer, "group_size", 0) or 0)
@@ -18,11 +18,11 @@ def _dequantized_base(layer, dtype: torch.dtype) -> torch.Tensor:
     return wt
 
 
-_BASE = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
-_KERNEL = _BASE + ("salient_weight", "bias")  # the kernels' layouts also hold the FP16 columns and the bias
+BASE_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx")
+KERNEL_TENSORS = BASE_TENSORS + ("salient_weight", "bias")  # the kernels' layouts also hold the FP16 columns and the bias
 
 
-def _tensors(layer, names) -> list:
+def module_tensors(layer, names) -> list:
     """The named tensors, read from a module's buffer/parameter dicts when it has them: nn.Module's
     ``__getattr__`` costs ~2 us per name, a third of a decode call's host time (bench_dispatch_overhead)."""
     b, p = getattr(layer, "_buffers", None), getattr(layer, "_parameters", None)
@@ -31,12 +31,12 @@ def _tensors(layer, names) -> list:
     return [b[n] if n in b else p[n] if n in p else getattr(layer, n) for n in names]
 
 
-def _key(layer, backend: str, dtype: torch.dtype) -> list:
+def layout_key(layer, backend: str, dtype: torch.dtype) -> list:
     """What the cached layout was built from: identity and data_ptr catch tensors replaced by assignment
     (``.data =``, ``.to()``), ``_version`` catches in-place writes (training, ``load_state_dict``).
     A flat list, ~2x cheaper than per-tensor tuples (it runs on every eager call)."""
     key = []
-    for t in _tensors(layer, _BASE if backend == "torch" else _KERNEL):
+    for t in module_tensors(layer, BASE_TENSORS if backend == "torch" else KERNEL_TENSORS):
         if t is None:
             key.append(None)
         else:
@@ -54,7 +54,7 @@ def _cache(layer) -> dict:
 
 def _build(layer, backend: str, dtype: torch.dtype):
     if backend == "torch":
-        return _dequantized_base(layer, dtype)
+        return dequantized_base(layer, dtype)
     if backend == "triton":
         from ..kernels.layout import build_layout
         return build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
@@ -73,7 +73,7 @@ def prepared(layer, backend: str, dtype: torch.dtype):
             raise RuntimeError("gift-quant: no kernel layout prepared for this layer; call "
                                "gift_quant.nn.dispatch.prepare_model(model) before torch.compile")
         return hit[1]
-    key = _key(layer, backend, dtype)
+    key = layout_key(layer, backend, dtype)
     hit = cache.get((backend, dtype))
     if hit is None or hit[0] != key:
         hit = (key, _build(layer, backend, dtype))

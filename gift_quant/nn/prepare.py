@@ -7,10 +7,10 @@ import os
 import torch
 
 from . import backends
-from .env import _interpreting
+from .env import interpreting
 from .layout_cache import prepared
 from .mixed_linear import MixedPrecisionLinear
-from .route import _FROZEN_ATTR, _Frozen
+from .route import FROZEN_ATTR, Frozen
 
 
 def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
@@ -24,7 +24,7 @@ def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
     n = 0
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, MixedPrecisionLinear) or not (m.qweight.is_cuda or _interpreting()):
+            if not isinstance(m, MixedPrecisionLinear) or not (m.qweight.is_cuda or interpreting()):
                 continue
             dt = dtype or m.scales.dtype
             probe = torch.zeros(1, m.in_features, device=m.qweight.device, dtype=dt)
@@ -34,17 +34,17 @@ def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
             n += 1
             gmt = prefill = None
             if backend == "triton":
-                gmt, prefill = _policy(m)
+                gmt, prefill = token_policy(m)
                 if prefill == "int4pack":
                     _pack_int4(m, dt)
             for t in warmup_tokens:
-                backends._run(backend, torch.randn(t, m.in_features, device=m.qweight.device).to(dt), m, gmt, prefill)
+                backends.run(backend, torch.randn(t, m.in_features, device=m.qweight.device).to(dt), m, gmt, prefill)
             if backend == "triton":
-                m.__dict__[_FROZEN_ATTR] = _Frozen(m, backend, dt, prepared(m, backend, dt), gmt, prefill)
+                m.__dict__[FROZEN_ATTR] = Frozen(m, backend, dt, prepared(m, backend, dt), gmt, prefill)
     return n
 
 
-def _policy(layer) -> tuple[int, str]:
+def token_policy(layer) -> tuple[int, str]:
     """(gemv_max_tokens, prefill path) for a layer: the GPU's tuned table (gift_quant.kernels.tuned), unless
     GIFT_QUANT_GEMV_MAX_TOKENS / GIFT_QUANT_TRITON_PREFILL are set, which win."""
     from ..kernels import triton_ops, tuned
@@ -59,7 +59,7 @@ def _policy(layer) -> tuple[int, str]:
 def unfreeze(model: torch.nn.Module):
     """Drop what prepare_model froze (the next calls choose and look up again)."""
     for m in model.modules():
-        m.__dict__.pop(_FROZEN_ATTR, None)
+        m.__dict__.pop(FROZEN_ATTR, None)
 
 
 def _pack_int4(layer, dtype: torch.dtype):

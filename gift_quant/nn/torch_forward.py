@@ -6,14 +6,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .env import _torch_cache_env
-from .layout_cache import _dequantized_base, prepared
+from .env import torch_cache_env
+from .layout_cache import dequantized_base, prepared
 
 
 def torch_cache_enabled() -> bool:
     """``GIFT_QUANT_TORCH_CACHE=1``: the PyTorch path keeps each layer's dequantized base (dense memory,
     dense speed); off by default, so a compressed model stays compressed in memory."""
-    raw = _torch_cache_env()
+    raw = torch_cache_env()
     return raw is not None and os.environ.get("GIFT_QUANT_TORCH_CACHE", "0").strip() not in ("", "0", "false", "no")
 
 
@@ -22,7 +22,7 @@ def torch_forward(x: torch.Tensor, layer) -> torch.Tensor:
     if torch_cache_enabled():
         wt = prepared(layer, "torch", x.dtype)
     else:
-        wt = _dequantized_base(layer, x.dtype)
+        wt = dequantized_base(layer, x.dtype)
     y = x @ wt
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)

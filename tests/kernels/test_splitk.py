@@ -129,7 +129,7 @@ def test_prepare_model_freezes_and_a_weight_write_unfreezes(monkeypatch):
     dispatch.reset()
     layer = MixedPrecisionLinear.random(96, 40, 3, 32, 5, bias=True, seed=9).to(DEV)
     assert dispatch.prepare_model(layer, torch.float16, warmup_tokens=(1, 3)) == 1
-    assert layer.__dict__[dispatch._FROZEN_ATTR].valid(layer)
+    assert layer.__dict__[dispatch.FROZEN_ATTR].valid(layer)
     calls = []
     monkeypatch.setattr(backends, "resolve", lambda *a, **k: calls.append(a) or "triton")
     x = torch.randn(3, 96, device=DEV).to(torch.float16)
@@ -140,7 +140,7 @@ def test_prepare_model_freezes_and_a_weight_write_unfreezes(monkeypatch):
         layer.scales = layer.scales / 2
         assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16]
     dispatch.unfreeze(layer)
-    assert dispatch._FROZEN_ATTR not in layer.__dict__
+    assert dispatch.FROZEN_ATTR not in layer.__dict__
     dispatch.reset()
 
 
