@@ -23,6 +23,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 HAS_TOOLS = os.path.exists(os.path.join(BIN, "cuobjdump")) and any(
     os.path.exists(os.path.join(BIN, n)) for n in ("ptxas", "ptxas-blackwell"))
 needs_tools = pytest.mark.skipif(not HAS_TOOLS, reason="this triton wheel has no ptxas/cuobjdump")
+# compiles every kernel variant for sm_90 (minutes on 2 cores): CI runs it, a quick local run may skip it
+pytestmark = pytest.mark.integration
 
 
 def _tool(*args, timeout=600):
