@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "cpu-2026-12-04-peers"
-WORK = ROOT / ".peers"      # git-ignored: the HF copy of the model and the token windows
+WORK = Path(os.environ.get("GIFT_QUANT_PEERS_WORK", ROOT / ".peers"))  # git-ignored: HF model copy, token windows
 VENVS = Path(os.environ.get("GIFT_QUANT_VENVS", "/work/venvs"))
 PEER_VENV = {"hqq": "hqq", "gptq": "gptqmodel", "autoround": "autoround"}
 SETUP = {
@@ -130,10 +130,11 @@ def run_autoround(work, prep, bits, group, iters, **_):
 
 
 def run_gptq(work, prep, bits, group, **_):
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default (1 on 2 cores) fails to load
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
     cfg = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=True, device="cpu")
-    model = GPTQModel.load(str(work / "model"), cfg, device="cpu", dtype=torch.float32)
+    model = GPTQModel.load(str(work / "model"), cfg, dtype=torch.float32)
     calib = [{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in prep["calib"]]
     shapes = linear_shapes(model.model)
     t = time.time()
@@ -142,10 +143,27 @@ def run_gptq(work, prep, bits, group, **_):
     qdir = work / f"gptq-b{bits}-g{group}"
     model.save(str(qdir))
     del model
-    qm = GPTQModel.load(str(qdir), device="cpu", dtype=torch.float32)
-    return qm.model.eval(), secs, {"bpw": bits_per_weight(shapes, bits, group, zero_bits=bits, g_idx=True),
+    qm = GPTQModel.load(str(qdir), device="cpu", dtype=torch.float16).model  # its CPU kernel: fp16/bf16 only
+    _dequantized_to_float(qm)
+    return qm.eval(), secs, {"bpw": bits_per_weight(shapes, bits, group, zero_bits=bits, g_idx=True),
                                    "settings": f"GPTQModel GPTQ {bits}-bit, group {group}, asym, act-order, "
                                                f"{len(calib)} x {prep['calib'].shape[1]} calibration tokens"}
+
+
+def _dequantized_to_float(model):
+    """Swap GPTQModel's packed modules for float32 Linears holding the very weights they decode to, so
+    every method is evaluated in float32 (its CPU kernel runs only fp16/bf16)."""
+    import torch
+    for name, m in list(model.named_modules()):
+        if hasattr(m, "qweight") and hasattr(m, "dequantize_weight"):
+            w = m.dequantize_weight().float()  # [in, out]
+            lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None)
+            lin.weight.data = w.t().contiguous()
+            if m.bias is not None:
+                lin.bias.data = m.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    model.float()
 
 
 def run_fp(work, prep, **_):
