@@ -287,6 +287,9 @@ def render(rows: list[dict], note: str = "") -> str:
     return "\n".join(lines) + ("\n\n" + note if note else "")
 
 
+YMAX = 30.0   # the plot's top, in ratio to FP
+
+
 def pareto(points):
     best, out = float("inf"), []
     for x, y in sorted(points):
@@ -306,12 +309,14 @@ def plot(rows, fp, domains):
         return
     panels = [*domains, "geomean"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
-    families = sorted({r["method"] for r in rows if r is not fp and r["method"] != "fp"})
+    def family(r):
+        return r["method"] + (f" g{r['group']}" if r["method"] == "hqq" else "")
+    families = sorted({family(r) for r in rows if r is not fp and r["method"] != "fp"})
     for ax, d in zip(axes[0], panels):
         for fam in families:
             pts = []
             for r in rows:
-                if r["method"] != fam or not all(x in r["ppl"] for x in domains):
+                if family(r) != fam or not all(x in r["ppl"] for x in domains):
                     continue
                 y = r["geomean"] if d == "geomean" else r["ppl"][d] / fp["ppl"][d]
                 pts.append((r["bpw"], y))
@@ -324,6 +329,7 @@ def plot(rows, fp, domains):
         ax.set_xlabel("bits per weight (decoder Linears)")
         ax.set_ylabel("perplexity / FP")
         ax.set_yscale("log")
+        ax.set_ylim(0.9, YMAX)  # a collapsed run (thousands x FP) would flatten the rest; see the table
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
