@@ -18,7 +18,8 @@ tokens. Perplexity is gift's formula: exp(mean next-token NLL) over every predic
 Bits per weight, counted one way for every method over the decoder Linears (embeddings and lm_head
 stay float everywhere): b bits per code (ideal packing), 16 per fp16 scale, the zero point as stored
 (16 for HQQ's fp16 zeros, b for the integer zeros of GPTQ / AutoRound), 32 per input column for an
-act-order permutation (g_idx), and for gift the FP16 columns (16 x out per column) and their indices.
+act-order permutation (g_idx), and for gift the FP16 columns (16 x out per column) and their indices
+(gift's rows take gift's own count of its stored tensors, which is this formula with b-bit zeros and g_idx).
 
     python tools/bench_peers.py --setup
     python tools/bench_peers.py --peers hqq,gptq,autoround --bits 2,3,4 --gift-json b2.json,b34.json
@@ -50,14 +51,14 @@ SETUP = {
 
 # ---- bits per weight, one formula -------------------------------------------------------------------
 def bits_per_weight(shapes, bits: int, group: int, zero_bits: int, g_idx: bool = False, k_of=None) -> float:
-    """Stored bits / weights over Linears of ``shapes`` [(out, in)]; ``k_of(in)`` FP16 columns (gift)."""
+    """Stored bits / weights over Linears of ``shapes`` [(out, in)]; ``k_of(in)`` FP16 columns (gift,
+    whose packed format keeps codes for every column, the salient ones included)."""
     stored = weights = 0
     for out, inp in shapes:
         k = k_of(inp) if k_of else 0
-        q_in = inp - k
-        groups = math.ceil(q_in / group)
-        stored += out * q_in * bits + out * groups * (16 + zero_bits)
-        stored += 32 * q_in if g_idx else 0
+        groups = math.ceil(inp / group)
+        stored += out * inp * bits + out * groups * (16 + zero_bits)
+        stored += 32 * inp if g_idx else 0
         stored += 16 * out * k + 32 * k
         weights += out * inp
     return stored / weights

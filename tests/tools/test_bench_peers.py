@@ -28,9 +28,8 @@ def test_bits_per_weight_hqq_gptq_gift():
     gidx = sum(32 * i for _, i in shapes) / w
     assert bench_peers.bits_per_weight(shapes, 3, 128, zero_bits=3, g_idx=True) == pytest.approx(3 + 19 * groups / w + gidx)
     # gift: k FP16 columns leave the codes and cost 16 x out bits + a 32-bit index each
-    expect = sum(o * (i - _k_of(i)) * 2 + o * -(-(i - _k_of(i)) // 128) * 18 + 16 * o * _k_of(i) + 32 * _k_of(i)
-                 for o, i in shapes) / w
-    assert bench_peers.bits_per_weight(shapes, 2, 128, zero_bits=2, k_of=_k_of) == pytest.approx(expect)
+    expect = sum(o * i * 2 + o * -(-i // 128) * 18 + 32 * i + 16 * o * _k_of(i) + 32 * _k_of(i) for o, i in shapes) / w
+    assert bench_peers.bits_per_weight(shapes, 2, 128, zero_bits=2, g_idx=True, k_of=_k_of) == pytest.approx(expect)
 
 
 def test_pareto_keeps_only_improvements():
