@@ -272,7 +272,7 @@ def render(rows: list[dict], note: str = "") -> str:
         raise SystemExit("error: no fp row (run --peers fp first)")
     domains = list(fp["ppl"])
     head = ("| method | bits | group | bits/weight | " + " | ".join(f"{d} ppl (/ FP)" for d in domains) +
-            " | geomean / FP | quantize s |")
+            " | geomean / FP | run s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1),
              "| FP | 16 | - | 16 | " + " | ".join(f"{fp['ppl'][d]:.2f}" for d in domains) + " | 1.000 | - |"]
     for r in sorted((r for r in rows if r is not fp), key=lambda r: (r["bits"], r["bpw"], r["method"])):
@@ -280,7 +280,7 @@ def render(rows: list[dict], note: str = "") -> str:
             continue
         ratios = [r["ppl"][d] / fp["ppl"][d] for d in domains]
         r["geomean"] = geomean(ratios)
-        name = r["method"] + (f" ({r['iters']} it)" if r.get("iters") else "")
+        name = DISPLAY.get(r["method"], r["method"]) + (f" ({r['iters']} it)" if r.get("iters") else "")
         lines.append(f"| {name} | {r['bits']} | {r['group']} | {r['bpw']:.3f} | " +
                      " | ".join(f"{r['ppl'][d]:.2f} ({x:.2f}x)" for d, x in zip(domains, ratios)) +
                      f" | {r['geomean']:.3f} | {r.get('quant_seconds', 0):.0f} |")
@@ -289,6 +289,7 @@ def render(rows: list[dict], note: str = "") -> str:
 
 
 YMAX = 30.0   # the plot's top, in ratio to FP
+DISPLAY = {"hqq": "HQQ", "gptq": "GPTQModel (GPTQ)", "autoround": "AutoRound"}
 
 
 def pareto(points):
@@ -311,7 +312,7 @@ def plot(rows, fp, domains):
     panels = [*domains, "geomean"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     def family(r):
-        return r["method"] + (f" g{r['group']}" if r["method"] == "hqq" else "")
+        return DISPLAY.get(r["method"], r["method"]) + (f" g{r['group']}" if r["method"] == "hqq" else "")
     families = sorted({family(r) for r in rows if r is not fp and r["method"] != "fp"})
     for ax, d in zip(axes[0], panels):
         for fam in families:

@@ -50,9 +50,9 @@ def test_render_table_and_plot(tmp_path, monkeypatch):
     md = bench_peers.render(rows)
     lines = md.splitlines()
     assert lines[0].startswith("| method | bits | group | bits/weight | idle ppl (/ FP) | austen ppl (/ FP)")
-    hqq = next(x for x in lines if x.startswith("| hqq"))
+    hqq = next(x for x in lines if x.startswith("| HQQ"))
     assert "12.00 (1.20x)" in hqq and "30.00 (1.50x)" in hqq and f"{(1.2 * 1.5) ** 0.5:.3f}" in hqq
-    assert lines.index(next(x for x in lines if x.startswith("| autoround (50 it)"))) < lines.index(hqq)
+    assert lines.index(next(x for x in lines if x.startswith("| AutoRound (50 it)"))) < lines.index(hqq)
     if "matplotlib" in sys.modules or __import__("importlib").util.find_spec("matplotlib"):
         assert (tmp_path / "peers.png").stat().st_size > 1000
 
