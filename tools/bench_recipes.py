@@ -10,8 +10,9 @@ post / post-noise / post-kd / ste / lora (all start from the very same codes); p
 training. Every trained method gets the same budget: data, steps, batch, sequence length, lr, schedule
 and seed, given explicitly so the recipes' cpu/gpu sections do not differ between methods.
 
-Evaluated on every domain of ``gift_quant.data.EVAL_DOMAINS`` (idle, licenses): neither is ever used for
-calibration or training. Writes a markdown table (and a PNG if matplotlib is installed) between
+Evaluated on every domain of ``tools/fetch_domains.py`` (idle, licenses and the general-English austen and
+reuters, fetched from Debian packages; a domain that cannot be had is left out with a warning): none is
+ever used for calibration or training. Tables give each domain and the geometric mean of the ratios to FP. Writes a markdown table (and a PNG if matplotlib is installed) between
 ``<!-- bench_recipes:begin -->`` and ``<!-- bench_recipes:end -->`` in BENCHMARKS.md, with the command,
 machine and date. ``--json`` is rewritten after every method, so a run cut short keeps what it measured;
 ``--from-json a.json,b.json`` merges runs done in parallel (one per bit width and seed) into one table.
@@ -39,10 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gift_quant.io.data import EVAL_DOMAINS, eval_windows, load_texts  # noqa: E402
+from gift_quant.io.data import eval_windows  # noqa: E402
 from gift_quant.eval.perplexity import perplexity  # noqa: E402
 from gift_quant.io.model_io import load_model  # noqa: E402
 from gift_quant.train import load_recipe, run_recipe  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+from fetch_domains import ALL_DOMAINS as EVAL_DOMAINS  # noqa: E402
+from fetch_domains import domain_texts, geomean  # noqa: E402
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
 METHODS = ("fp", "none", "post", "post-noise", "post-kd", "post-norms", "post-kd-norms", "post-scales",
@@ -102,6 +107,7 @@ def main(argv=None):
                     help="final quantizer (rtn: a cheap A/B on a slow machine; the table uses gptq)")
     ap.add_argument("--stage-dir", default=None, help="keep the compressed stage (calibration + GPTQ) of each "
                     "bit width and seed here and reuse it in later runs (e.g. one run per lr)")
+    ap.add_argument("--domains", default=",".join(EVAL_DOMAINS), help="evaluation domains (tools/fetch_domains.py)")
     ap.add_argument("--eval-windows", type=int, default=20, help="512-token windows of each held-out domain")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
@@ -135,7 +141,11 @@ def main(argv=None):
         ap.error(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model0, tok = load_model(a.model)
-    evs = {d: eval_windows(load_texts(d), tok, 512, a.eval_windows) for d in EVAL_DOMAINS}
+    names = [d for d in a.domains.split(",") if d]
+    bad = [d for d in names if d not in EVAL_DOMAINS]
+    if bad:
+        ap.error(f"unknown domain(s) {', '.join(bad)}; choose from {', '.join(EVAL_DOMAINS)}")
+    evs = {d: eval_windows(t, tok, 512, a.eval_windows) for d, t in domain_texts(names).items()}
     results = []   # dicts: method, bits, seed, ppl {domain: ppl}, bpw, trainable, step_s, peak_mb
     t_start = time.time()
 
@@ -201,7 +211,7 @@ def dump_texts(d: Path):
     from gift_quant.io import data
     d.mkdir(parents=True, exist_ok=True)
     texts = {"topics-train": data._topics(False), "topics-heldout": data._topics(True),
-             "stdlib-docstrings": data.stdlib_docstrings(), **{k: load_texts(k) for k in EVAL_DOMAINS}}
+             "stdlib-docstrings": data.stdlib_docstrings(), **domain_texts(EVAL_DOMAINS)}
     for k, v in texts.items():
         (d / f"{k}.json").write_text(json.dumps(v))
 
@@ -216,6 +226,8 @@ def use_texts(d: Path):
     data.stdlib_docstrings = lambda min_chars=200: read("stdlib-docstrings")
     data._idle_docs = lambda: read("idle")
     data._license_texts = lambda: read("licenses")
+    import fetch_domains
+    fetch_domains.fetch = lambda name, force=False: read(name)
 
 
 def budget_line(a, seeds, evs=None) -> str:
@@ -226,7 +238,7 @@ def budget_line(a, seeds, evs=None) -> str:
             f"(`train` = pydoc topics split + stdlib docstrings), "
             f"{a.max_train_tokens:,} tokens tokenized), calibration {a.calib_samples} x 512 tokens of "
             f"`{getattr(a, 'calib_dataset', 'bundled')}`, "
-            f"eval {n} x 512 tokens of each of {', '.join(EVAL_DOMAINS)}, seeds {seeds}")
+            f"eval {n} x 512 tokens of each of {', '.join(evs or EVAL_DOMAINS)}, seeds {seeds}")
 
 
 def _fmt(v, f="{:.2f}"):
@@ -249,11 +261,11 @@ def table(results) -> str:
                  for d in domains}
     head = "| bits | method | bits/weight | " + " | ".join(
         f"ppl {d} (mean ± half-spread, n) | {d} / FP | {d} log-gap closed" for d in domains) + \
-        " | trainable params | train s/step | final train loss |"
+        " | geomean / FP | trainable params | train s/step | final train loss |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     order = {m: i for i, m in enumerate(METHODS)}
     for (b, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
-        cells = []
+        cells, ratios = [], []
         for d in domains:
             ppls = [_ppl(x, d) for x in rs]
             mean = statistics.mean(ppls)
@@ -262,12 +274,15 @@ def table(results) -> str:
             u = untrained.get((b, d))
             if fp[d] and u and m not in ("none", "fp") and u > fp[d]:
                 gap = (math.log(u) - math.log(mean)) / (math.log(u) - math.log(fp[d]))
+            if fp[d]:
+                ratios.append(mean / fp[d])
             cells += [f"{mean:.2f} ± {spread:.2f} ({len(ppls)})", _fmt(mean / fp[d] if fp[d] else None),
                       _fmt(gap, "{:.0%}")]
         steps = [x.get("step_s") for x in rs if x.get("step_s")]
         losses = [x.get("final_train_loss") for x in rs if x.get("final_train_loss")]
+        gm = geomean(ratios) if len(ratios) == len(domains) else None
         lines.append(f"| {b} | {m} | {_fmt(rs[0].get('bpw'), '{:.3f}')} | " + " | ".join(cells) +
-                     f" | {rs[0].get('trainable') or 0:,} | {_fmt(statistics.median(steps) if steps else None)} | "
+                     f" | {_fmt(gm, '{:.3f}')} | {rs[0].get('trainable') or 0:,} | {_fmt(statistics.median(steps) if steps else None)} | "
                      f"{_fmt(statistics.mean(losses) if losses else None, '{:.3f}')} |")
     errs = [r for r in results if "error" in r]
     for r in errs:

@@ -39,7 +39,8 @@ def test_bench_recipes_tiny_model_two_domains(tmp_path, tiny_model_dir):
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_recipes.py"), "--model", str(tiny_model_dir),
                         "--bits", "3", "--seeds", "0", "--methods", "fp,none,post,pre-nonoise", "--steps", "2",
                         "--batch-size", "2", "--train-seq-len", "32", "--calib-samples", "4", "--eval-windows", "1",
-                        "--max-train-tokens", "5000", "--device", "cpu", "--out", str(out), "--json", str(js)],
+                        "--max-train-tokens", "5000", "--device", "cpu", "--out", str(out), "--json", str(js),
+                        "--domains", "idle,licenses"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -49,3 +50,4 @@ def test_bench_recipes_tiny_model_two_domains(tmp_path, tiny_model_dir):
     assert rows[2]["steps"] == 2 and rows[2]["trainable"] > 0
     text = out.read_text()
     assert "ppl licenses" in text and "| 3 | pre-nonoise |" in text and "2 steps x 2 x 32 tokens" in text
+    assert "geomean / FP" in text
