@@ -193,18 +193,19 @@ def worker(a):
 # ---- prepare, run, render (this Python, with gift-quant) ----------------------------------------------
 def prepare(calib_samples: int, eval_windows_n: int):
     import torch
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "tools"))
     from fetch_domains import domain_texts
 
-    from gift_quant.io.data import calibration_windows, eval_windows
+    from gift_quant.compress.calibration import calibration_tensor
+    from gift_quant.config import GiftConfig
+    from gift_quant.io.data import eval_windows
     from gift_quant.io.model_io import load_model
     model, tok = load_model(None)
     WORK.mkdir(exist_ok=True)
     if not (WORK / "model" / "config.json").exists():
         model.to(torch.float32).save_pretrained(WORK / "model")
         tok.save_pretrained(WORK / "model")
-    calib = calibration_windows("bundled", tok, calib_samples, 512, seed=0, progress=False)
+    calib = calibration_tensor("bundled", tok, GiftConfig(calib_samples=calib_samples, seq_len=512, seed=0),
+                               progress=False)
     evs = {d: eval_windows(t, tok, 512, eval_windows_n) for d, t in domain_texts().items()}
     torch.save({"calib": calib, "eval": evs}, WORK / "prep.pt")
     print(f"prepared: calibration {tuple(calib.shape)}, eval {', '.join(f'{d} {tuple(w.shape)}' for d, w in evs.items())}")
@@ -265,7 +266,6 @@ def load_rows() -> list[dict]:
 
 
 def render(rows: list[dict], note: str = "") -> str:
-    sys.path.insert(0, str(ROOT / "tools"))
     from fetch_domains import geomean
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp is None:

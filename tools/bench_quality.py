@@ -17,23 +17,20 @@ import datetime
 import json
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from gift_quant.config import GiftConfig  # noqa: E402
-from gift_quant.io.data import calibration_samples, eval_windows, load_texts  # noqa: E402
-from gift_quant.eval.perplexity import perplexity  # noqa: E402
-from gift_quant.io.model_io import load_model  # noqa: E402
-from gift_quant.compress.pipeline import compress_model  # noqa: E402
+from gift_quant.config import GiftConfig
+from gift_quant.io.data import calibration_samples, eval_windows, load_texts
+from gift_quant.eval.perplexity import perplexity
+from gift_quant.io.model_io import load_model
+from gift_quant.compress.pipeline import compress_model
 
-sys.path.insert(0, str(ROOT / "tools"))
-from fetch_domains import domain_texts, geomean  # noqa: E402
+from fetch_domains import domain_texts, geomean
 
 
 def write_section(name: str, body: str, path: Path = ROOT / "BENCHMARKS.md"):

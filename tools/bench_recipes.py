@@ -38,16 +38,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from gift_quant.io.data import eval_windows  # noqa: E402
-from gift_quant.eval.perplexity import perplexity  # noqa: E402
-from gift_quant.io.model_io import load_model  # noqa: E402
-from gift_quant.train import load_recipe, run_recipe  # noqa: E402
+from gift_quant.io.data import eval_windows
+from gift_quant.eval.perplexity import perplexity
+from gift_quant.io.model_io import load_model
+from gift_quant.train import load_recipe, run_recipe
 
-sys.path.insert(0, str(ROOT / "tools"))
-from fetch_domains import ALL_DOMAINS as EVAL_DOMAINS  # noqa: E402
-from fetch_domains import domain_texts, geomean  # noqa: E402
+from fetch_domains import ALL_DOMAINS as EVAL_DOMAINS
+from fetch_domains import domain_texts, geomean
 
 BEGIN, END = "<!-- bench_recipes:begin -->", "<!-- bench_recipes:end -->"
 METHODS = ("fp", "none", "post", "post-noise", "post-kd", "post-norms", "post-kd-norms", "post-scales",
