@@ -6,7 +6,7 @@ measures that host time. On CPU the Triton launch is replaced by an allocation o
 remains is module call, backend choice, layout-cache lookup and op dispatch; the last row is the same call after ``prepare_model``
 froze the backend, layout and token policy. On CUDA nothing is stubbed:
 the layer is small (256x256, a few us of GPU work), so a loop of asynchronous calls measures host time,
-and one more row times the bare Triton launch (``triton_mixed.mixed_linear``). It times the same layer
+and one more row times the bare Triton launch (``triton_kernel.mixed_linear``). It times the same layer
 through the torch.library custom op (what torch.compile traces) and through the eager route, in one
 run, and prints microseconds per call and ratios.
 
@@ -31,7 +31,8 @@ if not CUDA:
 
 import _common  # noqa: F401  (one clear line when gift_quant is not installed)
 
-from gift_quant.kernels import triton_mixed, triton_ops
+from gift_quant.kernels.triton import kernel as triton_kernel
+from gift_quant.kernels.triton import op as triton_op
 from gift_quant.nn import dispatch
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 
@@ -62,14 +63,14 @@ def main(argv=None):
     w = torch.randn(256, 256, device=dev, dtype=dt)
     with torch.no_grad():
         layer(x)  # self-check and layout build, with the real kernel (interpreted on CPU)
-        real = triton_mixed.mixed_linear
+        real = triton_kernel.mixed_linear
         L = dispatch.prepared(layer, "triton", x.dtype)
         launch = []
         if CUDA:
-            launch = [("bare Triton launch (triton_mixed.mixed_linear, GEMV)",
+            launch = [("bare Triton launch (triton_kernel.mixed_linear, GEMV)",
                        per_call_us(lambda: real(x.view(1, 256), L, "gemv"), a.calls))]
         else:
-            triton_mixed.mixed_linear = lambda x2d, L, path="gemv", config=None: torch.empty(
+            triton_kernel.mixed_linear = lambda x2d, L, path="gemv", config=None: torch.empty(
                 x2d.shape[0], L.out_features, dtype=x2d.dtype)
         try:
             def via_op():
@@ -78,7 +79,7 @@ def main(argv=None):
                     L.in_features, L.out_features, L.identity_rows, 4, "dequant", L.perm_pos, L.tile, L.group_rows)
             rows = [("dense F.linear (256x256, 1 token)", per_call_us(lambda: F.linear(x, w), a.calls)),
                     ("custom op alone (torch.ops.gift_quant.mixed_linear_triton)", per_call_us(via_op, a.calls)),
-                    ("eager route alone (triton_ops.run)", per_call_us(lambda: triton_ops.run(x, L, 4), a.calls)),
+                    ("eager route alone (triton_op.run)", per_call_us(lambda: triton_op.run(x, L, 4), a.calls)),
                     ("layout-cache lookup (dispatch.prepared)",
                      per_call_us(lambda: dispatch.prepared(layer, "triton", x.dtype), a.calls)),
                     ("backend choice (dispatch.resolve)", per_call_us(lambda: dispatch.resolve(x, layer), a.calls)),
@@ -89,7 +90,7 @@ def main(argv=None):
             dispatch.unfreeze(layer)
             rows += launch
         finally:
-            triton_mixed.mixed_linear = real
+            triton_kernel.mixed_linear = real
     dense = rows[0][1]
     where = (f"{torch.cuda.get_device_name()}, real launches" if CUDA else
              f"{platform.processor() or platform.machine()}, kernel launch stubbed")

@@ -100,7 +100,7 @@ def parse_args(argv):
 def run_meta(a, argv, device, dtype) -> dict:
     """The JSON's ``meta``: the run's settings, versions, and which kernel the GPU rows use (on CUDA with
     GIFT_QUANT_KERNEL=cuda this JIT-builds the C++ kernel first)."""
-    from gift_quant.kernels import build
+    from gift_quant.kernels.cuda import build
     from gift_quant.nn.dispatch import requested_backend
     meta = {"argv": sys.argv[1:] if argv is None else list(argv), "date": time.strftime("%Y-%m-%d %H:%M"),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),

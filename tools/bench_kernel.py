@@ -138,7 +138,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--l2-factor", type=float, default=3.0, help="weight copies cover this many L2 sizes")
     ap.add_argument("--sweep", default="ATOMIC=1;BN=128;STAGES=3;num_warps=8;SPLIT=4",
-                    help="split-K configs (keys of triton_mixed.splitk_config, over its defaults) timed at "
+                    help="split-K configs (keys of triton_kernel.splitk_config, over its defaults) timed at "
                     "batch 1 ('' to skip): ;-separated key=value lists")
     ap.add_argument("--tuned-out", help="write the tuned table (fastest path per shape, bits and tokens) to "
                     "this folder, named for the GPU (gift_quant/kernels/tuned_tables/ format)")
@@ -181,7 +181,7 @@ def main(argv=None):
         l2 = 0
     meta["l2_bytes"] = l2
     if "cuda" in backends and cuda:
-        from gift_quant.kernels import build
+        from gift_quant.kernels.cuda import build
         t = time.time()
         meta["cuda_build"] = "ok" if build.extension(warn=False) is not None else build.unavailable_reason()
         meta["cuda_build_s"] = round(time.time() - t, 1)
@@ -239,21 +239,21 @@ def main(argv=None):
                     row["us_fp16"] = time_calls([lambda x=xs[i], w=ws[i % fp_copies]: F.linear(x, w)
                                                  for i in range(fp_copies)], device) * 1e6
                     if "triton" in backends:
-                        from gift_quant.kernels import triton_ops
-                        default_prefill = triton_ops.PREFILL_PATH
+                        from gift_quant.kernels.triton import op as triton_op
+                        default_prefill = triton_op.PREFILL_PATH
                         for path, gmt in (("gemv", BIG), ("gemm", 0), ("dequant", 0), ("int4pack", 0)):
                             if path == "gemv" and batch > 16:
                                 continue  # the GEMV is for decode (<= 16 tokens)
                             if path == "int4pack" and not int4:
                                 continue  # aten's int4 kernel: 4 bits, bf16 activations
-                            triton_ops.PREFILL_PATH = default_prefill if path == "gemv" else path
+                            triton_op.PREFILL_PATH = default_prefill if path == "gemv" else path
                             try:
                                 row[f"err_triton_{path}"] = err(run("triton", xs[0], base, gmt))
                                 timings[f"triton_{path}"] = time_calls(
                                     [lambda x=xs[i], m=layers[i]: run("triton", x, m, gmt) for i in range(copies)],
                                     device)
                             finally:
-                                triton_ops.PREFILL_PATH = default_prefill
+                                triton_op.PREFILL_PATH = default_prefill
                         auto = "gemv" if batch <= dispatch.GEMV_MAX_TOKENS else default_prefill
                         row["triton_auto_path"] = auto
                     if "cuda" in backends and cuda and meta.get("cuda_build") == "ok":
@@ -285,14 +285,14 @@ def main(argv=None):
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
                       flush=True)
                 if batch == 1 and sweep:
-                    from gift_quant.kernels import triton_mixed
+                    from gift_quant.kernels.triton import kernel as triton_kernel
                     lays = [dispatch.prepared(m, "triton", dtype) for m in layers]
                     for cfg in sweep:
                         sr = {"K": K, "N": N, "bits": bits, "config": cfg}
                         try:
                             with torch.no_grad():
-                                sr["err"] = err(triton_mixed.mixed_linear(xs[0], lays[0], "gemv", cfg))
-                                t = time_calls([lambda x=xs[i], lo=lays[i]: triton_mixed.mixed_linear(x, lo, "gemv", cfg)
+                                sr["err"] = err(triton_kernel.mixed_linear(xs[0], lays[0], "gemv", cfg))
+                                t = time_calls([lambda x=xs[i], lo=lays[i]: triton_kernel.mixed_linear(x, lo, "gemv", cfg)
                                                 for i in range(copies)], device)
                             sr["us"] = t * 1e6
                             sr["speedup"] = row["us_fp16"] / sr["us"]
@@ -313,7 +313,7 @@ def main(argv=None):
     md = markdown(meta, rows, a, backends)
     if sweep_rows:
         md += ("\nTriton split-K config sweep at batch 1 (each over the default config of "
-               "triton_mixed.splitk_config):\n\n| K x N | bits | config | us | speedup vs fp16 | "
+               "triton_kernel.splitk_config):\n\n| K x N | bits | config | us | speedup vs fp16 | "
                "% copy bw | rel err |\n|---|---|---|---|---|---|---|\n")
         for r in sweep_rows:
             cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())

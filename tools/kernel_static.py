@@ -82,7 +82,7 @@ class Case:
 
     @property
     def chunks(self):
-        return max(1, self.groups * self.group // 32)  # every group padded to group rows (kernels.layout)
+        return max(1, self.groups * self.group // 32)  # every group padded to group rows (kernels.triton.layout)
 
     @property
     def groups(self):
@@ -90,7 +90,7 @@ class Case:
 
     @property
     def tile(self):
-        """Chunks per tile (kernels.layout._tile_for): the largest power of two <= 8 dividing group / 32."""
+        """Chunks per tile (kernels.triton.layout._tile_for): the largest power of two <= 8 dividing group / 32."""
         t = 8
         while (self.group // 32) % t:
             t //= 2
@@ -105,7 +105,7 @@ class Case:
         return -(-self.k // 32) * 32
 
     def layout_bytes(self) -> dict:
-        """Bytes of each layout tensor (gift_quant.kernels.layout; what TritonLayout.nbytes counts)."""
+        """Bytes of each layout tensor (gift_quant.kernels.triton.layout; what TritonLayout.nbytes counts)."""
         return {"qweight": self.chunks * self.bits * self.Np * 4, "scales": self.groups * self.Np * 2,
                     "zeros": self.groups * self.Np, "sal_w": self.kp * self.Np * 2, "sal_idx": self.kp * 4,
                     "perm": self.chunks * 32 * 4, "gchunk": self.chunks * 4, "x": self.tokens * self.K * 2,
@@ -145,10 +145,10 @@ class Variant:
 
 
 def _gemv_max_tokens() -> int:
-    return _kmod("triton_ops").GEMV_MAX_TOKENS
+    return _kmod("triton.op").GEMV_MAX_TOKENS
 
 
-# ---------------------------------------------------------------- the kernels (triton_mixed.py)
+# ---------------------------------------------------------------- the kernels (triton_kernel.py)
 # Pointer dtypes of the layout (fp16 activations) and the roles of loads. The split-K workspace and
 # arrival counters are read back by the last program of a column block only (L2: 'cached').
 _MIXED_ROLES = {"qw_ptr": "weight", "sw_ptr": "weight", "s_ptr": "meta", "z_ptr": "meta",
@@ -242,15 +242,15 @@ def _dequant(tm, c: Case, config: dict | None = None) -> Launch:
 
 
 VARIANTS = [
-    Variant("splitk", "triton_mixed", "_splitk_kernel", _splitk, lambda t: t == 1, _MIXED_ROLES,
+    Variant("splitk", "triton.kernel", "_splitk_kernel", _splitk, lambda t: t == 1, _MIXED_ROLES,
             bench_key="us_triton_gemv", swept=True, note="decode, 1 token: split-K on CUDA cores"),
-    Variant("splitk_dot", "triton_mixed", "_splitk_dot_kernel", _splitk_dot,
+    Variant("splitk_dot", "triton.kernel", "_splitk_dot_kernel", _splitk_dot,
             lambda t: 1 < t <= _gemv_max_tokens(), _MIXED_ROLES, bench_key="us_triton_gemv",
             note="decode, 2-16 tokens: split-K on tensor cores (tl.dot)"),
-    Variant("dequant", "triton_mixed", "_dequant_kernel", _dequant, lambda t: t > _gemv_max_tokens(),
+    Variant("dequant", "triton.kernel", "_dequant_kernel", _dequant, lambda t: t > _gemv_max_tokens(),
             _MIXED_ROLES, bench_key="us_triton_dequant", plus_fp16=True,
             note="prefill default: W^T written once, then the fp16 GEMM"),
-    Variant("gemm", "triton_mixed", "_gemm_kernel", _gemm, lambda t: t > _gemv_max_tokens(), _MIXED_ROLES,
+    Variant("gemm", "triton.kernel", "_gemm_kernel", _gemm, lambda t: t > _gemv_max_tokens(), _MIXED_ROLES,
             bench_key="us_triton_gemm", note="prefill opt-in (GIFT_QUANT_TRITON_PREFILL=gemm, or a tuned table)"),
 ]
 

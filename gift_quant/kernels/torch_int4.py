@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import TritonLayout, unpack_chunks
+from .triton.layout import TritonLayout, unpack_chunks
 
 GROUPS = (32, 64, 128, 256)
 

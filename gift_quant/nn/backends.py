@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from ..kernels.triton_ops import (
+from ..kernels.triton.op import (
     GEMV_MAX_TOKENS,  # GIFT_QUANT_GEMV_MAX_TOKENS (tests patch it here)
 )
 from .env import CUDA_GEMV_MAX_TOKENS, interp_env, kernel_env, requested_backend
@@ -40,11 +40,11 @@ def triton_unavailable(x: torch.Tensor) -> str | None:
         import triton  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"triton is not importable ({type(e).__name__}: {e})"
-    from ..kernels import triton_ops
-    if x.device.type != "cuda" and not triton_ops.interpreting():
+    from ..kernels.triton import op as triton_op
+    if x.device.type != "cuda" and not triton_op.interpreting():
         return f"input on {x.device.type}: the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
     ok = (torch.float16, torch.bfloat16, torch.float32)
-    if triton_ops.interpreting() and x.device.type == "cpu":
+    if triton_op.interpreting() and x.device.type == "cpu":
         ok = (torch.float16, torch.float32)  # the interpreter has no bf16
     if x.dtype not in ok:
         return f"activation dtype {x.dtype} is not supported by the Triton kernels"
@@ -52,7 +52,7 @@ def triton_unavailable(x: torch.Tensor) -> str | None:
 
 
 def cuda_unavailable(x: torch.Tensor) -> str | None:
-    from ..kernels import build
+    from ..kernels.cuda import build
     if not x.is_cuda:
         return f"input on {x.device.type}: the C++ kernel needs CUDA"
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -66,11 +66,11 @@ def run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None
          prefill: str | None = None) -> torch.Tensor:
     gmt = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
     if backend == "triton":
-        from ..kernels import triton_ops
-        return triton_ops.run(x, prepared(layer, "triton", x.dtype), gmt, prefill)
+        from ..kernels.triton import op as triton_op
+        return triton_op.run(x, prepared(layer, "triton", x.dtype), gmt, prefill)
     if backend == "cuda":
-        from ..kernels import ops
-        return ops.run_op(x, layer, prepared(layer, "cuda", x.dtype),
+        from ..kernels.cuda import op as cuda_op
+        return cuda_op.run_op(x, layer, prepared(layer, "cuda", x.dtype),
                           CUDA_GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens)
     return torch_forward(x, layer)
 

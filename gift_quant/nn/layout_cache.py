@@ -56,11 +56,11 @@ def _build(layer, backend: str, dtype: torch.dtype):
     if backend == "torch":
         return dequantized_base(layer, dtype)
     if backend == "triton":
-        from ..kernels.layout import build_layout
+        from ..kernels.triton.layout import build_layout
         return build_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx,
                             layer.salient_weight, layer.bias, layer.bits, layer.in_features,
                             layer.out_features, dtype, getattr(layer, "group_size", 0) or 0)
-    from ..kernels.prepare import prepare
+    from ..kernels.cuda.layout import prepare
     return prepare(layer, dtype)
 
 

@@ -47,12 +47,13 @@ def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
 def token_policy(layer) -> tuple[int, str]:
     """(gemv_max_tokens, prefill path) for a layer: the GPU's tuned table (gift_quant.kernels.tuned), unless
     GIFT_QUANT_GEMV_MAX_TOKENS / GIFT_QUANT_TRITON_PREFILL are set, which win."""
-    from ..kernels import triton_ops, tuned
+    from ..kernels import tuned
+    from ..kernels.triton import op as triton_op
     gmt, prefill = tuned.choice(layer.qweight.device, layer.bits, layer.in_features, layer.out_features)
     if os.environ.get("GIFT_QUANT_GEMV_MAX_TOKENS"):
         gmt = backends.GEMV_MAX_TOKENS
     if os.environ.get("GIFT_QUANT_TRITON_PREFILL"):
-        prefill = triton_ops.PREFILL_PATH
+        prefill = triton_op.PREFILL_PATH
     return gmt, prefill
 
 

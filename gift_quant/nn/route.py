@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import triton_ops
+from ..kernels.triton import op as triton_op
 from . import backends
 from .env import kernel_env
 from .layout_cache import KERNEL_TENSORS, module_tensors
@@ -45,7 +45,7 @@ def mixed_linear_forward(x: torch.Tensor, layer, backend: str | None = None) -> 
         fz = layer.__dict__.get(FROZEN_ATTR)
         if (fz is not None and backend is None and x.dtype == fz.dtype and x.device == fz.device
                 and not (torch.is_grad_enabled() and (x.requires_grad or fz.sw.requires_grad)) and fz.valid(layer)):
-            return triton_ops.eager_forward(x, fz.layout, fz.gmt, fz.prefill)  # the frozen eager route
+            return triton_op.eager_forward(x, fz.layout, fz.gmt, fz.prefill)  # the frozen eager route
     if needs_autograd(x, layer):
         return torch_forward(x, layer)
     return backends.run(backends.resolve(x, layer, backend), x, layer)

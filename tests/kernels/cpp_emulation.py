@@ -1,4 +1,4 @@
-"""The C++ kernel's arithmetic (csrc/mixed_linear.cu) emulated on CPU, and the rounding bound it must meet.
+"""The C++ kernel's arithmetic (kernels/cuda/csrc/mixed_linear.cu) emulated on CPU, and the rounding bound it must meet.
 
 The bound is what any implementation that accumulates in fp32 and rounds once to fp16/bf16 meets on the
 operands the kernel uses (scales, FP16 columns and bias in the activation dtype; on the prefill path W

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gift_quant.kernels import build, ops
-from gift_quant.kernels.prepare import prepare, prepared_forward
+from gift_quant.kernels.cuda import build
+from gift_quant.kernels.cuda import op as cuda_op  # noqa: F401  (registers the custom op)
+from gift_quant.kernels.cuda.layout import prepare, prepared_forward
 from gift_quant.nn import dispatch
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear
 from tests.kernels.cpp_emulation import (
@@ -160,7 +161,7 @@ def _cuda_include_stub(tmp: Path) -> Path:
 @pytest.mark.integration
 @pytest.mark.skipif(build.find_cuda_home() is None, reason="no nvcc")
 def test_kernel_source_compiles_with_nvcc(tmp_path):
-    """Compile-only check of csrc/mixed_linear.cu for sm_90 (no GPU needed; catches build breaks in CI)."""
+    """Compile-only check of kernels/cuda/csrc/mixed_linear.cu for sm_90 (no GPU needed; catches build breaks in CI)."""
     import sysconfig
 
     from torch.utils import cpp_extension
@@ -274,11 +275,11 @@ def test_cuda_generate_static_cache_matches_fallback(tiny_model, calib, monkeypa
 @pytest.mark.integration
 def test_kernel_module_imports_without_cuda_toolchain():
     """Importing gift_quant (and running a layer on CPU) never builds anything, and never imports triton."""
-    code = ("import sys, torch, gift_quant, gift_quant.kernels.build as b\n"
+    code = ("import sys, torch, gift_quant, gift_quant.kernels.cuda.build as b\n"
             "from gift_quant.nn import MixedPrecisionLinear\n"
             "MixedPrecisionLinear.random(64, 8, 4, 32, 2)(torch.randn(1, 64))\n"
             "assert b._tried is False\n"
-            "assert 'gift_quant.kernels.triton_mixed' not in sys.modules")
+            "assert 'gift_quant.kernels.triton.kernel' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PATH": "/usr/bin:/bin", "CUDA_HOME": ""})
     assert r.returncode == 0, r.stderr

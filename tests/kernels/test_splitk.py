@@ -4,25 +4,16 @@ CPU: Triton's interpreter (fp16/fp32), programs one after another, so the shapes
 are NaN-filled before the launch: an element the kernel never writes fails. The reduction is checked
 both ways (a deterministic ordered sum, and fp32 atomics) and for leaving its workspace as it found it.
 """
-import itertools
-import os
+import itertools  # noqa: I001  (triton_env must come before the kernels)
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module is imported
+from tests.kernels.triton_env import CUDA, DEV, DTYPES, TOL  # first: sets TRITON_INTERPRET on CPU
 
-triton = pytest.importorskip("triton")
-
-from gift_quant.kernels import layout as lay
-from gift_quant.kernels import triton_mixed as tm
+from gift_quant.kernels.triton import kernel as tm
+from gift_quant.kernels.triton import layout as lay
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear
-
-DEV = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
-TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}
 
 
 @pytest.fixture(autouse=True)
@@ -160,16 +151,16 @@ def test_tuned_policy_reads_a_table_and_defaults_without_one(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="direct launches are for compiled kernels on a GPU")
-def test_direct_launch_matches_triton_launcher():
+def test_direct_launch_matches_tritons_launcher():
     """The first call compiles through Triton, the second checks the direct launch against Triton's
     bit for bit, later calls launch directly; all equal, and direct launches stay on."""
-    from gift_quant.kernels import triton_launch
+    from gift_quant.kernels.triton import launch
     _, L = _layout(512, 200, 4, 128, 7, False, 1, torch.float16)
     for tokens in (1, 5):
         x = torch.randn(tokens, 512, device=DEV).to(torch.float16)
         ys = [tm.mixed_linear(x, L, "gemv") for _ in range(4)]
         assert all(torch.equal(ys[0], y) for y in ys[1:])
-    assert triton_launch._state["ok"], "direct launch was switched off"
+    assert launch._state["ok"], "direct launch was switched off"
     assert L.__dict__["_direct"] and all(e.checked for e in L.__dict__["_direct"].values())
 
 
@@ -193,15 +184,16 @@ def test_int4pack_candidate_matches_float64_in_bf16(gs, act, k):
 
 def test_int4pack_path_only_where_packed_and_bf16():
     """The op takes 'int4pack' only on a layout packed for it with bf16 input; otherwise 'dequant'."""
-    from gift_quant.kernels import torch_int4, triton_ops
+    from gift_quant.kernels import torch_int4
+    from gift_quant.kernels.triton import op as triton_op
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu" if DEV == "cpu" else "_weight_int4pack_mm"):
         pytest.skip("this torch has no int4pack op")
     layer, L = _layout(256, 48, 4, 64, 7, True, 3, torch.float32)
     x = torch.randn(20, 256, device=DEV)
-    y = triton_ops.run(x, L, 0, "int4pack")  # not packed: dequant, exact in fp32
+    y = triton_op.run(x, L, 0, "int4pack")  # not packed: dequant, exact in fp32
     assert _err(y, _ref(layer, x)) < TOL[torch.float32]
     L.__dict__["_int4"] = torch_int4.build(L)
-    yb = triton_ops.run(x.to(torch.bfloat16), L, 0, "int4pack")
+    yb = triton_op.run(x.to(torch.bfloat16), L, 0, "int4pack")
     assert yb.dtype == torch.bfloat16 and _err(yb, _ref(layer, x.to(torch.bfloat16))) < 2e-2
 
 

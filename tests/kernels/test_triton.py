@@ -5,26 +5,17 @@ no bf16); on a GPU the same tests run the compiled kernels in fp16 and bf16. Out
 NaN-filled, so an output element the kernel never writes fails the comparison.
 """
 import itertools
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module is imported
+from tests.kernels.triton_env import CUDA, DEV, DTYPES, TOL  # first: sets TRITON_INTERPRET on CPU
 
-triton = pytest.importorskip("triton")
-
-from gift_quant.kernels import layout as lay  # noqa: E402
+from gift_quant.kernels.triton import layout as lay  # noqa: E402
 from gift_quant.kernels import torch_path  # noqa: E402
 from gift_quant.nn import backends, dispatch  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
 from gift_quant.core.packing import pack, unpack  # noqa: E402
-
-DEV = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
-TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}
 
 
 def reference64(layer, x):
@@ -34,8 +25,8 @@ def reference64(layer, x):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    from gift_quant.kernels import triton_mixed
-    monkeypatch.setattr(triton_mixed, "_alloc", lambda *s, **kw: torch.full(s, float("nan"), **kw))
+    from gift_quant.kernels.triton import kernel as triton_kernel
+    monkeypatch.setattr(triton_kernel, "_alloc", lambda *s, **kw: torch.full(s, float("nan"), **kw))
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
 
 
@@ -77,13 +68,13 @@ def test_triton_forward_matches_float64(case, poisoned):
 def test_triton_decode_and_prefill_paths_agree_for_every_token_count(bits, poisoned, monkeypatch):
     """The GEMV (decode), the dequantize-then-GEMM and the tl.dot GEMM (prefill) on the same layer,
     tokens 1/3/8/17/64."""
-    from gift_quant.kernels import triton_ops
+    from gift_quant.kernels.triton import op as triton_op
     layer = _layer(200, 40, bits, 64, 7, True, 11 + bits)
     tokens = _TOKENS if bits == 4 else _TOKENS[:2]
-    runs = [(t, 0, p) for t in tokens for p in triton_ops.PREFILL_PATHS] + [(t, 64, "-") for t in tokens if t <= 17]
+    runs = [(t, 0, p) for t in tokens for p in triton_op.PREFILL_PATHS] + [(t, 64, "-") for t in tokens if t <= 17]
     for t, gmt, pre in runs:
         monkeypatch.setattr(backends, "GEMV_MAX_TOKENS", gmt)  # 0: always the prefill path, 64: always the GEMV
-        monkeypatch.setattr(triton_ops, "PREFILL_PATH", pre if gmt == 0 else "dequant")
+        monkeypatch.setattr(triton_op, "PREFILL_PATH", pre if gmt == 0 else "dequant")
         x = torch.randn(t, 200, device=DEV).to(torch.float16)
         _check(layer, x, torch.float16, f"bits={bits} tokens={t} gemv_max_tokens={gmt} prefill={pre}")
 
@@ -92,15 +83,16 @@ def test_triton_decode_and_prefill_paths_agree_for_every_token_count(bits, poiso
 def test_triton_dequantize_t_writes_every_weight_exactly(bits, poisoned):
     """The prefill path's W^T (act-order, ragged groups, FP16 columns, column padding) equals the layer's
     own dequantization in float32: each element is one code, one zero, one scale."""
-    from gift_quant.kernels import triton_mixed, triton_ops
+    from gift_quant.kernels.triton import kernel as triton_kernel
+    from gift_quant.kernels.triton import op as triton_op
     layer = _layer(300, 45, bits, 64, 9, bits % 2 == 1, 40 + bits)
     L = dispatch.prepared(layer, "triton", torch.float32)
-    wt = triton_mixed.dequantize_t(L, torch.float32)
+    wt = triton_kernel.dequantize_t(L, torch.float32)
     assert wt.shape == (300, L.qweight.shape[1]) and not wt.isnan().any()
     torch.testing.assert_close(wt[:, :45].cpu(), layer.dequantize(torch.float32).t().cpu(), rtol=1e-6, atol=1e-6)
     assert wt[:, 45:].abs().sum() == 0                                   # padding columns hold zeros
     with pytest.raises(ValueError, match="GIFT_QUANT_TRITON_PREFILL"):
-        triton_ops.run(torch.randn(20, 300, device=DEV), L, 0, "fast")
+        triton_op.run(torch.randn(20, 300, device=DEV), L, 0, "fast")
 
 
 def test_triton_3d_input_and_no_bias(poisoned):
@@ -207,7 +199,7 @@ def test_auto_falls_back_with_one_warning_naming_the_reason(monkeypatch, recwarn
 
 def test_triton_op_opcheck_and_compile_fullgraph(poisoned):
     """torch.library registration: schema/fake checks, and torch.compile(fullgraph=True) traces the op."""
-    from gift_quant.kernels import triton_ops
+    from gift_quant.kernels.triton import op as triton_op
     layer = _layer(96, 40, 2, 32, 3, False, 4)
     x = torch.randn(3, 96, device=DEV).to(torch.float16)
     with torch.no_grad():
@@ -220,7 +212,7 @@ def test_triton_op_opcheck_and_compile_fullgraph(poisoned):
     f = torch.compile(layer, fullgraph=True, backend="aot_eager" if not CUDA else "inductor")
     with torch.no_grad():
         torch.testing.assert_close(f(x), ref)
-    assert triton_ops.run(x, L).shape == (3, 40)
+    assert triton_op.run(x, L).shape == (3, 40)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

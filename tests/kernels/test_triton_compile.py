@@ -16,7 +16,7 @@ SCRIPT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gift_quant.kernels import triton_mixed as tm
+from gift_quant.kernels.triton import kernel as tm
 PTR = {"x_ptr": "*fp16", "qw_ptr": "*i32", "perm_ptr": "*i32", "gch_ptr": "*i32", "s_ptr": "*fp16",
        "z_ptr": "*u8", "sw_ptr": "*fp16", "si_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16", "w_ptr": "*fp16",
        "ws_ptr": "*fp32", "lock_ptr": "*i32"}

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import build
-from .prepare import PreparedLinear, prepared_forward
+from .layout import PreparedLinear, prepared_forward
 
 
 def _forward(x: Tensor, qweight: Tensor, perm: Tensor, gidx: Tensor, scales: Tensor, zeros: Tensor,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.packing import pack, unpack, unpack_qweight, unpack_qzeros
+from ...core.packing import pack, unpack, unpack_qweight, unpack_qzeros
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Triton kernels for the mixed-precision linear (layout: :mod:`gift_quant.kernels.layout`).
+"""Triton kernels for the mixed-precision linear (layout: :mod:`gift_quant.kernels.triton.layout`).
 
 - ``gemv``: decode. One program per token and ``BN`` output columns walks all of K (no split-K, no
   atomics; more tokens re-read the packed tile from L2): for each tile of ``W`` chunks it loads each word plane once as a [W, BN] tile (16-byte loads
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_launch
+from . import launch
 from .layout import TritonLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -59,6 +59,43 @@ def _chunk_params(qw_ptr, gch_ptr, s_ptr, z_ptr, ch, cmask, offs_n, mask2, Np, B
     return sc, zf, wh
 
 
+@triton.jit
+def _split_run(pid_k, T, SPLIT: tl.constexpr):
+    """Split k's balanced run of T steps: [k*T/SPLIT, (k+1)*T/SPLIT)."""
+    return pid_k * T // SPLIT, (pid_k + 1) * T // SPLIT
+
+
+@triton.jit
+def _group_scale_zero(s_ptr, z_ptr, g, offs_n, nmask, Np):
+    """Group g's scale and zero-point + 2^23 (for the mantissa trick) for the columns offs_n."""
+    sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
+    return sc, zf
+
+
+@triton.jit
+def _x_at(xrows, perm_ptr, pos, K, mmask, EVEN_K: tl.constexpr, IDENTITY: tl.constexpr):
+    """x of the token rows at layout positions pos: direct (identity order, no padding), masked past K
+    (identity order), or through the permutation (-1: a padding position, zero)."""
+    if EVEN_K:
+        xv = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
+    elif IDENTITY:
+        xv = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
+    else:
+        src = tl.load(perm_ptr + pos)
+        xv = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
+    return xv
+
+
+@triton.jit
+def _fp16_step(si_ptr, sw_ptr, xrows, ks, offs_n, nmask, mmask, Np):
+    """FP16-column step ks: the x values of those input columns [MB, len(ks)] and their weights [len(ks), BN]."""
+    si = tl.load(si_ptr + ks)
+    sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
+    xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
+    return xs, sw
+
+
 @triton.jit(do_not_specialize=["M", "N", "T", "TPG", "TS", "stride_xm", "stride_ym"])
 def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                    M, K, N, Np, T, TPG, TS, stride_xm, stride_ym,
@@ -83,12 +120,9 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
     mmask = offs_m < M
     xrows = x_ptr + offs_m[:, None] * stride_xm                                   # [MB, 1]
     acc = tl.zeros((MB, W, BN), dtype=tl.float32)
-    t0 = pid_k * T // SPLIT  # balanced runs: split k takes tiles [k*T/SPLIT, (k+1)*T/SPLIT)
-    t1 = (pid_k + 1) * T // SPLIT
+    t0, t1 = _split_run(pid_k, T, SPLIT)  # balanced runs of weight tiles
     for t in tl.range(t0, t1, num_stages=STAGES):
-        g = t // TPG
-        sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
+        sc, zf = _group_scale_zero(s_ptr, z_ptr, t // TPG, offs_n, nmask, Np)
         wp = qw_ptr + (t * W + offs_w)[:, None] * (BITS * Np) + offs_n[None, :]   # plane 0 of each chunk
         if BITS == 3:
             wh = tl.load(wp + 2 * Np, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
@@ -102,26 +136,16 @@ def _splitk_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_ptr,
                 code = _codes(BITS, p, j, wl, wh)
                 f = (code | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]  # code - z, exact
                 pos = t * (32 * W) + (p * PPW + j) * W + offs_w
-                if EVEN_K:  # identity order, no padding positions
-                    xv = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
-                elif IDENTITY:
-                    xv = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
-                else:
-                    src = tl.load(perm_ptr + pos)
-                    xv = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
+                xv = _x_at(xrows, perm_ptr, pos, K, mmask, EVEN_K, IDENTITY)
                 if MB == 1:
                     part += xv.to(tl.float32)[:, :, None] * f[None, :, :]
                 else:  # the scale on the weight, so registers stay one accumulator per token
                     acc += xv.to(tl.float32)[:, :, None] * (f * sc[None, :])[None, :, :]
         if MB == 1:
             acc += part * sc[None, None, :]
-    u0 = pid_k * TS // SPLIT
-    u1 = (pid_k + 1) * TS // SPLIT
+    u0, u1 = _split_run(pid_k, TS, SPLIT)
     for u in range(u0, u1):  # FP16 columns: W of them per step (k padded with zero weights)
-        ks = u * W + offs_w
-        si = tl.load(si_ptr + ks)
-        sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
-        xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
+        xs, sw = _fp16_step(si_ptr, sw_ptr, xrows, u * W + offs_w, offs_n, nmask, mmask, Np)
         acc += xs.to(tl.float32)[:, :, None] * sw.to(tl.float32)[None, :, :]
     _splitk_finish(tl.sum(acc, axis=1), b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, offs_n, offs_m, M, N, Np,
                    stride_ym, MB, BN, SPLIT, HAS_BIAS, ATOMIC)
@@ -155,12 +179,9 @@ def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_
     xrows = x_ptr + offs_m[:, None] * stride_xm
     xdt = x_ptr.dtype.element_ty
     acc = tl.zeros((MB, BN), dtype=tl.float32)
-    t0 = pid_k * T // SPLIT  # balanced runs: split k takes tiles [k*T/SPLIT, (k+1)*T/SPLIT)
-    t1 = (pid_k + 1) * T // SPLIT
+    t0, t1 = _split_run(pid_k, T, SPLIT)  # balanced runs of weight tiles
     for t in tl.range(t0, t1, num_stages=STAGES):
-        g = t // TPG
-        sc = tl.load(s_ptr + g * Np + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        zf = tl.load(z_ptr + g * Np + offs_n, mask=nmask, other=0).to(tl.float32) + 8388608.0
+        sc, zf = _group_scale_zero(s_ptr, z_ptr, t // TPG, offs_n, nmask, Np)
         wp = qw_ptr + (t * (W * BITS) + word)[:, None] * Np + offs_n[None, :]
         wv = tl.load(wp, mask=nmask[None, :], other=0).to(tl.uint32, bitcast=True)
         if BITS == 3:
@@ -171,26 +192,16 @@ def _splitk_dot_kernel(x_ptr, qw_ptr, perm_ptr, s_ptr, z_ptr, sw_ptr, si_ptr, b_
             code = (wv >> shift[:, None]) & ((1 << BITS) - 1)
         f = ((code | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]).to(xdt)
         pos = t * BK + q
-        if EVEN_K:
-            xt = tl.load(xrows + pos[None, :], mask=mmask[:, None], other=0.0)
-        elif IDENTITY:
-            xt = tl.load(xrows + pos[None, :], mask=mmask[:, None] & (pos < K)[None, :], other=0.0)
-        else:
-            src = tl.load(perm_ptr + pos)
-            xt = tl.load(xrows + src[None, :], mask=mmask[:, None] & (src >= 0)[None, :], other=0.0)
+        xt = _x_at(xrows, perm_ptr, pos, K, mmask, EVEN_K, IDENTITY)
         if IEEE:
             part = tl.dot(xt, f, input_precision="ieee")
         else:
             part = tl.dot(xt, f)
         acc += part * sc[None, :]
     offs_k = tl.arange(0, 32)
-    u0 = pid_k * TS // SPLIT
-    u1 = (pid_k + 1) * TS // SPLIT
+    u0, u1 = _split_run(pid_k, TS, SPLIT)
     for u in range(u0, u1):  # FP16 columns, 32 per step (k padded with zero weights)
-        ks = u * 32 + offs_k
-        si = tl.load(si_ptr + ks)
-        sw = tl.load(sw_ptr + ks[:, None] * Np + offs_n[None, :], mask=nmask[None, :], other=0.0)
-        xs = tl.load(xrows + si[None, :], mask=mmask[:, None], other=0.0)
+        xs, sw = _fp16_step(si_ptr, sw_ptr, xrows, u * 32 + offs_k, offs_n, nmask, mmask, Np)
         if IEEE:
             acc += tl.dot(xs, sw.to(xdt), input_precision="ieee")
         else:
@@ -428,16 +439,22 @@ def _check(x: torch.Tensor, L: TritonLayout):
         raise RuntimeError(f"input on {x.device}, weights on {L.qweight.device}")
 
 
+def _outputs(x2d: torch.Tensor, L: TritonLayout):
+    """y (allocated), x with unit column stride, and the bias argument (the scales stand in without a bias:
+    HAS_BIAS leaves it unread)."""
+    y = _alloc(x2d.shape[0], L.out_features, dtype=x2d.dtype, device=x2d.device)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    return y, x2d, L.bias if L.bias is not None else L.scales
+
+
 def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> torch.Tensor:
     """The split-K decode kernels on up to SPLITK_MAX_TOKENS tokens (more: split into such calls)."""
     M, K = x2d.shape
     N, Np = L.out_features, L.qweight.shape[1]
-    y = _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
+    y, x2d, bias = _outputs(x2d, L)
     if M == 0:
         return y
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
-    bias = L.bias if L.bias is not None else L.scales
     T, KS = L.tiles, L.sal_w.shape[0]
     even = L.identity_rows and K == L.chunks * 32
     for m0 in range(0, M, SPLITK_MAX_TOKENS):
@@ -463,7 +480,7 @@ def splitk(x2d: torch.Tensor, L: TritonLayout, config: dict | None = None) -> to
             fn[(blocks, split)](*args, **const)
         else:
             key = (fn.__name__, tuple(const.items()), xs.dtype, xs.data_ptr() % 16 == 0, ys.data_ptr() % 16 == 0)
-            triton_launch.launch(fn, (blocks, split, 1), args, const, _direct_cache(L), key, ys, check=not atomic)
+            launch.launch(fn, (blocks, split, 1), args, const, _direct_cache(L), key, ys, check=not atomic)
     return y
 
 
@@ -490,12 +507,9 @@ def mixed_linear(x2d: torch.Tensor, L: TritonLayout, path: str = "gemv", config:
         return torch.addmm(L.bias, x2d, wt) if L.bias is not None else x2d @ wt
     if path != "gemm":
         raise ValueError(f"path must be 'gemv', 'gemm' or 'dequant', got {path!r}")
-    y = _alloc(M, N, dtype=x2d.dtype, device=x2d.device)
+    y, x2d, bias = _outputs(x2d, L)
     if M == 0:
         return y
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
-    bias = L.bias if L.bias is not None else L.scales
     cfg = {**gemm_config(M, N), **(config or {})}
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(Np, cfg["BN"]))
     _gemm_kernel[grid](x2d, L.qweight, L.perm, L.gchunk, L.scales, L.zeros, L.sal_w, L.sal_idx, bias, y,

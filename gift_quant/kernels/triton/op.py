@@ -29,16 +29,16 @@ def interpreting() -> bool:
 
 def eager_forward(x: Tensor, L: TritonLayout, gemv_max_tokens: int, prefill: str) -> Tensor:
     """The op's body: the GEMV for up to ``gemv_max_tokens`` tokens, else the ``prefill`` path."""
-    from . import triton_mixed
+    from . import kernel
     x2d = x.reshape(-1, L.in_features)
     path = "gemv" if x2d.shape[0] <= gemv_max_tokens else prefill
     if path == "int4pack":  # aten's 4-bit kernel, packed by prepare_model on the layout (bf16 only)
         P = L.__dict__.get("_int4")
         if P is not None and x.dtype == torch.bfloat16:
-            from . import torch_int4
+            from .. import torch_int4
             return torch_int4.forward(x2d, P).reshape(*x.shape[:-1], L.out_features)
         path = "dequant"  # not packed (the custom op rebuilds its layout per call) or not bf16
-    return triton_mixed.mixed_linear(x2d, L, path).reshape(*x.shape[:-1], L.out_features)
+    return kernel.mixed_linear(x2d, L, path).reshape(*x.shape[:-1], L.out_features)
 
 
 @torch.library.custom_op("gift_quant::mixed_linear_triton", mutates_args=())

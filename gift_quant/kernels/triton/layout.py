@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.packing import unpack, unpack_qweight
+from ...core.packing import unpack, unpack_qweight
 
 N_ALIGN = 16
 K_SAL_ALIGN = 32
