@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import torch
@@ -9,6 +10,23 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tools._common import char_tokenizer, tiny_llama  # noqa: E402,F401  (the tests import them from here)
+
+
+@contextlib.contextmanager
+def interrupted_at(monkeypatch, step: int):
+    """A Ctrl-C at training step ``step`` inside the block, as a user's would land; the real loop after it."""
+    import gift_quant.train.loop as loop
+    real = loop.batch_rows
+
+    def stop(s, *a):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(s, *a)
+    monkeypatch.setattr(loop, "batch_rows", stop)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(loop, "batch_rows", real)
 
 
 class TinyTokenizer:

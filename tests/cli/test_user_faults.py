@@ -300,21 +300,14 @@ def test_ctrl_c_says_the_partial_folder_was_kept(tiny_model_dir, tmp_path, capsy
 
 
 def test_a_resumed_run_keeps_its_report(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import gift_quant.train.loop as loop
+    from tests.conftest import interrupted_at
     from tests.train.test_train import TEXT
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     argv = _compress_args(tiny_model_dir, tmp_path / "o", "--recipe", "post", "--steps", "4", "--save-every", "2",
                           "--batch-size", "1", "--train-seq-len", "32", "--dataset", text, "--train-dataset", text)
-    real = loop.batch_rows
-
-    def stop(step, *a):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, *a)
-    monkeypatch.setattr(loop, "batch_rows", stop)
-    assert _run(capsys, *argv)[0] == 130
-    monkeypatch.setattr(loop, "batch_rows", real)
+    with interrupted_at(monkeypatch, 3):
+        assert _run(capsys, *argv)[0] == 130
     stage = json.loads((tmp_path / "o.partial" / "compressed.json").read_text())
     code, out, err = _run(capsys, *argv, "--resume")
     assert code == 0, err

@@ -15,7 +15,7 @@ from gift_quant.kernels.triton import layout as lay  # noqa: E402
 from gift_quant.kernels import torch_path  # noqa: E402
 from gift_quant.nn import backends, dispatch  # noqa: E402
 from gift_quant.nn.mixed_linear import MixedPrecisionLinear  # noqa: E402
-from gift_quant.core.packing import pack, unpack  # noqa: E402
+from gift_quant.core.packing import pack  # noqa: E402
 
 
 def reference64(layer, x):

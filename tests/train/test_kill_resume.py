@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.conftest import interrupted_at
 from tests.train.test_train import TEXT
 
 # One process imports once, then forks each run (the reference, every killed run, every resume). The kill
@@ -127,7 +128,6 @@ def test_patience_counts_on_across_a_resume(tmp_path, tiny_model_dir, monkeypatc
     falls on the same step as in the uninterrupted run."""
     from transformers import AutoModelForCausalLM
 
-    import gift_quant.train.loop as loop
     from gift_quant.train import run_recipe
     from tests.conftest import char_tokenizer
     from tests.train.test_recipes import _recipe
@@ -141,16 +141,8 @@ def test_patience_counts_on_across_a_resume(tmp_path, tiny_model_dir, monkeypatc
     assert full.stopped_early, full.val_losses  # the setting this test needs
     bad_since = [s for s, _ in full.val_losses if s > full.best_step]
     stop_at = bad_since[0]  # interrupt after the first evaluation without improvement
-    real = loop.batch_rows
-
-    def boom(step, *a):
-        if step == stop_at:
-            raise KeyboardInterrupt
-        return real(step, *a)
-    monkeypatch.setattr(loop, "batch_rows", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, stop_at), pytest.raises(KeyboardInterrupt):
         run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", progress=False, device="cpu")
-    monkeypatch.setattr(loop, "batch_rows", real)
     resumed = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", resume=True, progress=False,
                          device="cpu").train_report
     assert resumed.resumed_from == stop_at

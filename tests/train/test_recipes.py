@@ -9,7 +9,7 @@ from gift_quant import GiftError
 from gift_quant.train import load_recipe, run_recipe
 from gift_quant.train.loop import train
 from gift_quant.train.settings import TrainSettings
-from tests.conftest import char_tokenizer
+from tests.conftest import char_tokenizer, interrupted_at
 from tests.train.test_train import TEXT, gift_tiny
 
 
@@ -60,23 +60,14 @@ def _packed(model, attr):
 @pytest.mark.parametrize("scales", [False, True])  # True: two optimizer param groups to save and restore
 def test_resume_after_interruption_continues_identically(tmp_path, tiny_model_dir, monkeypatch, scales):
     from transformers import AutoModelForCausalLM
-    import gift_quant.train.loop as T
     tok = char_tokenizer()
     r = _recipe(tmp_path, "post", train_scales=scales)
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     full = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w1", progress=False, device="cpu").model
-    real = T.batch_rows
-
-    def boom(step, *a):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, *a)
-    monkeypatch.setattr(T, "batch_rows", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", progress=False, device="cpu")
-    monkeypatch.setattr(T, "batch_rows", real)
     assert json.loads((tmp_path / "w2" / "train" / "train_state.json").read_text())["step"] == 2
     s = run_recipe(r, fresh(), tok, work_dir=tmp_path / "w2", resume=True, progress=False, device="cpu")
     assert s.train_report.resumed_from == 2
