@@ -21,20 +21,23 @@ FROZEN_ATTR = "_gift_frozen"
 
 class Frozen:
     """What prepare_model fixed for one layer: backend, dtype, layout and the tuned token policy, valid
-    while the same weight tensors (identity and ``_version``) and the same GIFT_QUANT_KERNEL are there."""
+    while the same weight tensors (identity, ``_version`` and storage) and the same GIFT_QUANT_KERNEL are
+    there. ``t.data = new`` keeps identity and version but moves the storage, hence the pointer; a write
+    through ``t.data.copy_`` is invisible to every check: call ``unfreeze`` (or prepare again) after it."""
     __slots__ = ("backend", "device", "dtype", "env", "gmt", "layout", "prefill", "sw", "tensors")
 
     def __init__(self, layer, backend, dtype, layout, gmt, prefill):
         self.backend, self.dtype, self.layout, self.gmt, self.prefill = backend, dtype, layout, gmt, prefill
         self.device = layer.qweight.device
         self.sw = layer.salient_weight
-        self.tensors = [(n, t, t._version) for n, t in zip(KERNEL_TENSORS, module_tensors(layer, KERNEL_TENSORS)) if t is not None]
+        self.tensors = [(n, t, t._version, t.data_ptr())
+                        for n, t in zip(KERNEL_TENSORS, module_tensors(layer, KERNEL_TENSORS)) if t is not None]
         self.env = kernel_env()
 
     def valid(self, layer) -> bool:
         b, p = layer._buffers, layer._parameters
-        for n, t, v in self.tensors:
-            if (b.get(n) if n in b else p.get(n)) is not t or t._version != v:
+        for n, t, v, ptr in self.tensors:
+            if (b.get(n) if n in b else p.get(n)) is not t or t._version != v or t.data_ptr() != ptr:
                 return False
         return self.env == kernel_env()
 

@@ -114,7 +114,8 @@ def test_layout_groups_are_equal_and_contiguous():
 
 def test_prepare_model_freezes_and_a_weight_write_unfreezes(monkeypatch):
     """After prepare_model an eager call takes the frozen route (no backend choice, no layout key); an
-    in-place write to a weight, or a replaced tensor, is seen on the next call."""
+    in-place write to a weight, a replaced tensor, or new storage under the same parameter (``.data =``)
+    is seen on the next call."""
     from gift_quant.nn import backends, dispatch
     monkeypatch.setenv("GIFT_QUANT_KERNEL", "triton")
     dispatch.reset()
@@ -129,6 +130,9 @@ def test_prepare_model_freezes_and_a_weight_write_unfreezes(monkeypatch):
         layer.scales.mul_(2)
         assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16] and calls
         layer.scales = layer.scales / 2
+        assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16]
+        dispatch.prepare_model(layer, torch.float16, warmup_tokens=(3,))
+        layer.salient_weight.data = torch.randn_like(layer.salient_weight)  # same object and version, new storage
         assert _err(layer(x), _ref(layer, x)) < TOL[torch.float16]
     dispatch.unfreeze(layer)
     assert dispatch.FROZEN_ATTR not in layer.__dict__
