@@ -28,10 +28,10 @@ def cmd_eval(a) -> int:
     texts = load_texts(a.dataset)  # bad text fails before the model loads
     if is_gift_checkpoint(a.path):
         model, tok = load_checkpoint(a.path)
-    elif looks_like_gift(a.path):
-        raise GiftError(looks_like_gift(a.path))
         if tok is None:
             raise GiftError(f"{a.path} has no tokenizer files; cannot tokenize the evaluation text")
+    elif looks_like_gift(a.path):
+        raise GiftError(looks_like_gift(a.path))
     elif a.path in ("bundled",) or a.path.endswith(".gguf") or (Path(a.path) / "config.json").is_file():
         model, tok = load_model(a.path)
     elif Path(a.path).exists():

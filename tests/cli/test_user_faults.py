@@ -333,3 +333,11 @@ def test_model_card_names_base_model_and_what_perplexity_measured(tiny_model_dir
     assert base_model_id("bundled SmolLM2-135M-Instruct") == BUNDLED_HUB_ID
     assert base_model_id("org/some-model") == "org/some-model"
     assert base_model_id(str(tiny_model_dir)) is None
+
+
+def test_eval_of_a_checkpoint_without_tokenizer_is_one_line(ckpt, tmp_path, capsys):
+    d = _copy(ckpt, tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (d / f).unlink(missing_ok=True)
+    code, _, err = _run(capsys, "eval", d, "--windows", "1", "--seq-len", "16")
+    assert code == 2 and "no tokenizer files" in _one_line(err)
