@@ -115,6 +115,9 @@ def load_state(work_dir: Path, fp: str, names, opt, rep):
     """Restore parameters, optimizer and report from ``work_dir``; returns (start step, best tensors)."""
     meta = read_state(work_dir)
     if meta is None:
+        if (Path(work_dir) / STATE_JSON).is_file():  # the loose pair an older gift-quant wrote
+            raise GiftError(f"cannot resume from {work_dir}: its training checkpoint was written by an older "
+                            "gift-quant (no train/ folder); delete it to start over")
         return 0, None
     if meta.get("fingerprint") != fp:
         raise GiftError(f"cannot resume from {work_dir}: it was written for a different model or recipe "

@@ -123,6 +123,20 @@ def test_a_checkpoint_whose_tensors_do_not_match_is_refused(tmp_path):
     assert hashlib.sha256(bytes(data)).hexdigest()  # the file stays for the user to inspect
 
 
+def test_an_older_versions_loose_checkpoint_is_refused_not_ignored(tmp_path):
+    """A partial folder from before the train/ unit holds train_state.json at its root: resuming must not
+    silently start over at step 0."""
+    import torch
+
+    from gift_quant import GiftError
+    from gift_quant.train.settings import TrainReport
+    from gift_quant.train.state import STATE_JSON, load_state
+    (tmp_path / STATE_JSON).write_text('{"step": 6, "fingerprint": "fp"}')
+    q = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(GiftError, match="older gift-quant"):
+        load_state(tmp_path, "fp", [("w", q)], torch.optim.AdamW([q]), TrainReport())
+
+
 def test_patience_counts_on_across_a_resume(tmp_path, tiny_model_dir, monkeypatch):
     """Evaluations without improvement before the interruption still count after it: early stopping
     falls on the same step as in the uninterrupted run."""
