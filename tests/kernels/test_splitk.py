@@ -72,8 +72,26 @@ def test_splitk_every_split_count_and_both_reductions(bits):
             if not atomic:
                 assert torch.equal(y, tm.mixed_linear(x, L, "gemv", cfg)), "ordered reduction is deterministic"
     for atomic in (False, True):
-        ws, lock = tm.WORKSPACE.bufs[(x.device, atomic)]
+        ws, lock = tm.WORKSPACE.bufs[(x.device, atomic, None)]
         assert not lock.any() and (not atomic or not ws.any()), "the kernel leaves its workspace zeroed"
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA streams")
+def test_a_second_stream_gets_a_workspace_of_its_own():
+    """Two streams sharing arrival counters would mix their partial sums: eager calls on a second stream
+    use buffers of their own, and both streams' results equal the reference."""
+    layer, L = _layout(512, 200, 4, 128, 7, False, 1, torch.float16)
+    x = torch.randn(1, 512, device=DEV).to(torch.float16)
+    ref = _ref(layer, x)
+    a = tm.mixed_linear(x, L, "gemv")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        b = tm.mixed_linear(x, L, "gemv")
+    torch.cuda.current_stream().wait_stream(side)
+    keys = [k for k in tm.WORKSPACE.bufs if k[0] == x.device and not k[1]]
+    assert (x.device, False, None) in keys and any(k[2] == side.cuda_stream for k in keys)
+    assert _err(a, ref) < TOL[torch.float16] and torch.equal(a, b)
 
 
 def test_splitk_applies_one_tile_to_every_token():

@@ -405,14 +405,22 @@ class _Workspace:
 
     The kernel leaves the counters (and the atomic sums) as it found them, zeros, so one buffer serves
     every layer and every graph replay on a stream. It only grows outside graph capture, and a grown-out buffer is kept alive, since
-    a captured graph may still point at it."""
+    a captured graph may still point at it.
+
+    Eager calls on a second CUDA stream get buffers of their own (two streams sharing counters would mix
+    their partial sums); graph capture uses the first stream's, which prepare_model warmed up."""
 
     def __init__(self):
         self.bufs: dict = {}
         self.retired: list = []
+        self.primary: dict = {}
 
     def get(self, device: torch.device, floats: int, counters: int, atomic: bool):
-        key = (device, atomic)
+        stream = None
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            s = torch.cuda.current_stream(device).cuda_stream
+            stream = None if self.primary.setdefault((device, atomic), s) == s else s
+        key = (device, atomic, stream)
         ws, lock = self.bufs.get(key, (None, None))
         if ws is None or ws.numel() < floats or lock.numel() < counters:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
