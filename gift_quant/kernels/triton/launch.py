@@ -62,8 +62,11 @@ def launch(fn, grid, args: tuple, const: dict, cache: dict, key, out: torch.Tens
             cache[key] = Entry(k, fn.arg_names)
         return
     values = list(args) + [const[n] for n in e.names[len(args):]]
-    if e.checked or capturing:
+    if e.checked:
         e.launch(grid, values, device)
+        return
+    if capturing:  # an entry never checked yet: Triton's own launch, which captures as well
+        fn[grid](*args, **const)
         return
     fn[grid](*args, **const)  # the entry's first direct use: Triton's launch, then the direct one, compared
     want = out.clone()
