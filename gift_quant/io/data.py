@@ -156,7 +156,8 @@ def _read_dataset(source: str, split: str, text_field: str | None) -> list[str]:
     if path.suffix in (".txt", ".md") and path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
         if "\x00" in text or text.count("\ufffd") * 100 > len(text):  # binary data named .txt
-            raise GiftError(f"{source} is not UTF-8 text (binary data?)")
+            raise GiftError(f"{source} is not UTF-8 text: binary data, or another encoding (UTF-16, Latin-1: "
+                            f"convert it with `iconv -t utf-8`)")
         return [text]
     try:
         import datasets
