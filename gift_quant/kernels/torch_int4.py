@@ -1,9 +1,10 @@
 """A 4-bit candidate from torch itself: ``aten._weight_int4pack_mm`` (tinygemm) on the equal-group layout.
 
 The op computes x @ ((q - 8) * s + b)^T per group of 32-256 rows, with bf16 activations. A gift group
-(q - z) * s is the same with b = s * (8 - z). Act-order works through the K permutation of the layout
-(x gathered by ``perm_pos``, free positions get x = 0, and their code is the zero point so their weight is
-0 too). The FP16 columns and the bias are added on top. CUDA uses the op's CUDA kernel (sm_80+); CPU
+(q - z) * s is the same with b = s * (8 - z), up to the rounding of b to bf16 (a shift of at most about
+s/64 shared by the group; the tests bound it). Act-order works through the K permutation of the layout
+(x gathered by ``perm_pos``, free positions get x = 0; their code is the zero point, so their weight is
+that small shift, times x = 0). The FP16 columns and the bias are added on top. CUDA uses the op's CUDA kernel (sm_80+); CPU
 tensors use its ``_for_cpu`` twin, which is how the tests check it. Only for bf16 activations: an fp16
 model would lose 2 mantissa bits in x.
 """
