@@ -1,7 +1,8 @@
 """Tuned kernel choices as data: one JSON table per GPU (name and compute capability), shipped in
 ``gift_quant/kernels/tuned_tables/`` and written by ``tools/bench_kernel.py --tuned-out`` (the device
 check). :func:`choice` is read once per layer by ``prepare_model``, never inside graph capture; a GPU
-without a table, or a shape/bit width the table lacks, gets the defaults below.
+without a table, or a shape/bit width the table lacks, gets the defaults below. Only a table that a
+device run measured is committed (``<device-name>-sm<major><minor>.json``, see :func:`table_name`).
 
 Table format::
 
