@@ -30,8 +30,8 @@ def cmd_eval(a) -> int:
         model, tok = load_checkpoint(a.path)
         if tok is None:
             raise GiftError(f"{a.path} has no tokenizer files; cannot tokenize the evaluation text")
-    elif looks_like_gift(a.path):
-        raise GiftError(looks_like_gift(a.path))
+    elif why := looks_like_gift(a.path):
+        raise GiftError(why)
     elif a.path in ("bundled",) or a.path.endswith(".gguf") or (Path(a.path) / "config.json").is_file():
         model, tok = load_model(a.path)
     elif Path(a.path).exists():

@@ -50,6 +50,8 @@ def _quant_method(q) -> str:
 def _refuse_quantized_source(model):
     """A checkpoint that is already quantized (gift-quant's own, GPTQ, ...) would fail only at the end."""
     import json
+
+    from gift_quant.io.checkpoint import is_gift_dict
     cfg = Path(model).expanduser() / "config.json" if model else None
     if cfg is None or not cfg.is_file():
         return
@@ -58,7 +60,7 @@ def _refuse_quantized_source(model):
     except ValueError:
         return
     if q:
-        what = "a gift-quant checkpoint" if str(q.get("format", "")).startswith("gift_sw") else "already quantized"
+        what = "a gift-quant checkpoint" if is_gift_dict(q) else "already quantized"
         raise GiftError(f"--model {model} is {what} ({_quant_method(q)}); compress needs the float model it was "
                         "made from")
 

@@ -7,6 +7,7 @@ import sys
 
 from gift_quant.cli import commands, compress, gptq
 from gift_quant.errors import GiftError
+from gift_quant.version import VERSION
 
 # what the machine, not the program, got wrong: reported in one line like bad input
 _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
@@ -17,18 +18,9 @@ class _Parser(argparse.ArgumentParser):
         raise GiftError(message)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("gift-quant")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        from gift_quant import __version__
-        return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gift-quant", description="GIFT-SW mixed-precision compression for transformers")
-    parser.add_argument("--version", action="version", version=f"gift-quant {_version()}")
+    parser.add_argument("--version", action="version", version=f"gift-quant {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     compress.add_parser(sub)
     commands.add_eval(sub)

@@ -106,8 +106,8 @@ def load_checkpoint(path, dtype=None, device=None):
         raise GiftError(f"checkpoint folder not found: {path}")
     if not (p / "config.json").is_file():
         raise GiftError(f"{path} is not a checkpoint (no config.json)")
-    if looks_like_gift(p):
-        raise GiftError(looks_like_gift(p))
+    if why := looks_like_gift(p):
+        raise GiftError(why)
     if not is_gift_checkpoint(p):
         raise GiftError(f"{path} is not a gift-quant checkpoint (quantization_config.quant_method != {QUANT_METHOD!r})")
     if not any(p.glob("*.safetensors")):
