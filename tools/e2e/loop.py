@@ -11,7 +11,7 @@ import torch
 from _common import free, logger
 
 from gift_quant.eval import bench
-from gift_quant.nn.dispatch import prepare_model
+from gift_quant.nn.dispatch import prepare_model, unfreeze
 
 from .profile import profile_decode, profile_line
 from .report import write_outputs
@@ -35,6 +35,7 @@ def drop_compiled(model):
     """Forget transformers' compiled decode step and the kernel layouts so the memory can go."""
     for attr in ("_compiled_call", "_last_compile_config"):
         model.__dict__.pop(attr, None)
+    unfreeze(model)  # prepare_model's frozen records hold the same layouts
     for m in model.modules():
         m.__dict__.pop("_gift_kernel_cache", None)
     with contextlib.suppress(Exception):  # nothing compiled, or no dynamo: nothing to free
