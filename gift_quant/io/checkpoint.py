@@ -106,10 +106,9 @@ def load_checkpoint(path, dtype=None, device=None):
         raise GiftError(f"checkpoint folder not found: {path}")
     if not (p / "config.json").is_file():
         raise GiftError(f"{path} is not a checkpoint (no config.json)")
-    if why := looks_like_gift(p):
-        raise GiftError(why)
-    if not is_gift_checkpoint(p):
-        raise GiftError(f"{path} is not a gift-quant checkpoint (quantization_config.quant_method != {QUANT_METHOD!r})")
+    if not is_gift_checkpoint(p):  # a misnamed gift checkpoint says so; anything else is not one
+        raise GiftError(looks_like_gift(p) or f"{path} is not a gift-quant checkpoint "
+                        f"(quantization_config.quant_method != {QUANT_METHOD!r})")
     if not any(p.glob("*.safetensors")):
         raise GiftError(f"{path} has no safetensors weights")
     try:

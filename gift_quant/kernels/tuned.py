@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 
 TABLES = Path(__file__).with_name("tuned_tables")
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 64)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 64)  # the token counts a table measures and prepare_model warms up
 DEFAULT_GEMV_MAX_TOKENS = 16   # the split-K kernels up to 16 tokens, then dequant + library GEMM
 DEFAULT_PREFILL = "dequant"
 PATHS = ("gemv", "gemm", "dequant", "int4pack")
@@ -41,13 +41,6 @@ def load(device_name: str, capability: tuple[int, int]) -> dict | None:
     except (OSError, ValueError):
         return None
     return t if isinstance(t, dict) and isinstance(t.get("entries"), list) else None
-
-
-def _bucket(tokens: int) -> int:
-    for b in TOKEN_BUCKETS:
-        if tokens <= b:
-            return b
-    return TOKEN_BUCKETS[-1]
 
 
 def policy(table: dict | None, bits: int, K: int, N: int) -> tuple[int, str]:

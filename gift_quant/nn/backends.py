@@ -9,10 +9,11 @@ import warnings
 
 import torch
 
+from ..kernels.triton import op as triton_op
 from ..kernels.triton.op import (
     GEMV_MAX_TOKENS,  # GIFT_QUANT_GEMV_MAX_TOKENS (tests patch it here)
 )
-from .env import CUDA_GEMV_MAX_TOKENS, interp_env, kernel_env, requested_backend
+from .env import CUDA_GEMV_MAX_TOKENS, interp_env, interpreting, kernel_env, requested_backend
 from .layout_cache import prepared
 from .torch_forward import torch_forward
 
@@ -40,11 +41,10 @@ def triton_unavailable(x: torch.Tensor) -> str | None:
         import triton  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"triton is not importable ({type(e).__name__}: {e})"
-    from ..kernels.triton import op as triton_op
-    if x.device.type != "cuda" and not triton_op.interpreting():
+    if x.device.type != "cuda" and not interpreting():
         return f"input on {x.device.type}: the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
     ok = (torch.float16, torch.bfloat16, torch.float32)
-    if triton_op.interpreting() and x.device.type == "cpu":
+    if interpreting() and x.device.type == "cpu":
         ok = (torch.float16, torch.float32)  # the interpreter has no bf16
     if x.dtype not in ok:
         return f"activation dtype {x.dtype} is not supported by the Triton kernels"
@@ -66,7 +66,6 @@ def run(backend: str, x: torch.Tensor, layer, gemv_max_tokens: int | None = None
          prefill: str | None = None) -> torch.Tensor:
     gmt = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
     if backend == "triton":
-        from ..kernels.triton import op as triton_op
         return triton_op.run(x, prepared(layer, "triton", x.dtype), gmt, prefill)
     if backend == "cuda":
         from ..kernels.cuda import op as cuda_op

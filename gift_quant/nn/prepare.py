@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..kernels.tuned import TOKEN_BUCKETS
 from . import backends
 from .env import interpreting
 from .layout_cache import prepared
@@ -14,7 +15,7 @@ from .route import FROZEN_ATTR, Frozen
 
 
 def prepare_model(model: torch.nn.Module, dtype: torch.dtype | None = None,
-                  warmup_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 64)) -> int:
+                  warmup_tokens: tuple[int, ...] = TOKEN_BUCKETS) -> int:
     """Build every MixedPrecisionLinear's kernel layout and compile/run its kernels once per token bucket,
     so that torch.compile and CUDA-graph capture never build or compile anything. Each such layer's backend,
     layout and token policy (the GPU's tuned table, :mod:`gift_quant.kernels.tuned`) are then frozen: an

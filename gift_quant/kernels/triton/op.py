@@ -23,10 +23,6 @@ PREFILL_PATHS = ("dequant", "gemm", "int4pack")
 PREFILL_PATH = os.environ.get("GIFT_QUANT_TRITON_PREFILL", "dequant")
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def eager_forward(x: Tensor, L: TritonLayout, gemv_max_tokens: int, prefill: str) -> Tensor:
     """The op's body: the GEMV for up to ``gemv_max_tokens`` tokens, else the ``prefill`` path."""
     from . import kernel
